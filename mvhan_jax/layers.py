@@ -1,0 +1,73 @@
+"""Layers shared by every model: field embeddings, pooling, MLPs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvhan_jax.data.types import FeatureSpec
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``x`` [..., L, D] over L where ``mask`` [..., L] is true; all-masked rows give 0."""
+  m = mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+
+
+class FieldEmbedding(nn.Module):
+  """One ``dim``-wide token per feature field (the "embedding layer" of two-tower models).
+
+  Categorical fields are looked up, multi-valued fields are looked up and mean-pooled over their
+  non-zero ids (0 is padding), dense fields are projected by a linear map.
+
+  Attributes:
+    specs: the fields, in order.
+    dim: token width D.
+  """
+
+  specs: Sequence[FeatureSpec]
+  dim: int
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(0.05)
+
+  @nn.compact
+  def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
+    """features: name -> [N] int, [N, M] int or [N, F] float. Returns [N, len(specs), D]."""
+    tokens = []
+    for spec in self.specs:
+      x = features[spec.name]
+      if spec.kind == "dense":
+        tokens.append(nn.Dense(self.dim, name=f"{spec.name}_proj")(x.astype(jnp.float32)))
+        continue
+      table = nn.Embed(spec.size, self.dim, embedding_init=self.embedding_init, name=f"{spec.name}_embed")
+      if spec.kind == "categorical":
+        tokens.append(table(x))
+      else:
+        tokens.append(masked_mean(table(x), x > 0))
+    return jnp.stack(tokens, axis=-2)
+
+
+class MLP(nn.Module):
+  """ReLU MLP with an optional linear output layer.
+
+  Attributes:
+    hidden: widths of the ReLU layers.
+    out_dim: width of a final linear layer (None: no final layer).
+    dropout: dropout rate after each ReLU layer.
+  """
+
+  hidden: Sequence[int]
+  out_dim: int | None = None
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+      if self.dropout:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.out_dim is not None:
+      x = nn.Dense(self.out_dim)(x)
+    return x

@@ -1,0 +1,18 @@
+"""Model registry: ``config.model.name`` -> a constructor taking (model_config, dataset)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mvhan_jax.models import two_tower
+
+MODELS: dict[str, Callable] = {
+    "two_tower": two_tower.from_config,
+}
+
+
+def build_model(model_config, data):
+  name = model_config.name
+  if name not in MODELS:
+    raise ValueError(f"config.model.name={name!r} is unknown: choose one of {sorted(MODELS)}")
+  return MODELS[name](model_config, data)

@@ -1,0 +1,365 @@
+"""The trainer: one top-to-bottom ``train_and_evaluate`` shared by every retrieval model.
+
+Sections follow big_vision's train.py: experiment (data, protocol, model), optimizer and state,
+update step, checkpoints (resume), loop (log, evaluate, early-stop), final evaluation and index.
+
+Exact resumption: the batch of step ``i`` is a pure function of ``(config.seed, i)`` (a random-access
+Grain dataset) and every random draw of step ``i`` uses ``fold_in(key, i)``, so a run restored from
+its checkpoint at step ``s`` replays steps ``s+1..`` exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mvhan_jax import evaluation
+from mvhan_jax import losses
+from mvhan_jax import models
+from mvhan_jax import retrieval
+from mvhan_jax.data import pipeline
+from mvhan_jax.data import protocol
+from mvhan_jax.data import registry
+from mvhan_jax.data.types import InteractionData
+from mvhan_jax.metrics_writer import MetricsWriter
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment: data, protocol, model (shared by the train, eval, index and recommend modes)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  data: InteractionData
+  split: Any                      # protocol.LeaveOneOutSplit or protocol.ComiRecSplit
+  train_source: Any               # random-access source of training examples
+  eval_sets: dict[str, Any]       # 'valid' / 'test' -> protocol.EvalSet
+  model: Any
+  tables: dict[str, dict[str, jax.Array]]
+  sampler: losses.Sampler
+
+
+def build_experiment(config) -> Experiment:
+  data = registry.load_dataset(config)
+  maxlen = config.maxlen
+  if config.protocol == "leave_one_out":
+    split = protocol.leave_one_out(data)
+    sequences = split.train_sequences
+  elif config.protocol == "comirec":
+    split = protocol.comirec_split(data, seed=config.seed, maxlen=maxlen)
+    sequences = split.train_sequences
+  else:
+    raise ValueError(f"config.protocol={config.protocol!r} is unknown: use 'leave_one_out' or 'comirec'")
+  train_source = registry.train_source(config, data, split)
+  eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
+  counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
+  sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
+  model = models.build_model(config.model, data)
+  tables = {
+      "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
+      "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
+  }
+  return Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and state
+# --------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  warmup = max(min(cfg.warmup_steps, total_steps - 1), 1)
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
+                                            end_value=cfg.lr * cfg.final_lr_fraction)
+  elif cfg.schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
+  else:
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r} is unknown: use 'cosine' or 'constant'")
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+      optax.adamw(lr, weight_decay=cfg.weight_decay),
+  )
+
+
+def example_batch(source, batch_size: int) -> dict[str, np.ndarray]:
+  rows = [source[i] for i in range(min(batch_size, len(source)))]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def init_state(exp: Experiment, tx, rng) -> TrainState:
+  batch = example_batch(exp.train_source, 2)
+
+  @jax.jit
+  def _init(rng, batch):
+    params = exp.model.init({"params": rng}, batch, exp.tables)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return _init(rng, batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Update step
+# --------------------------------------------------------------------------------------------------
+def make_train_step(exp: Experiment, tx) -> Callable:
+  model, cfg = exp.model, exp.config.loss
+  num_neg = cfg.num_negatives
+  cdf = jnp.asarray(exp.sampler.cdf)
+  log_q = jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1)))
+
+  def loss_fn(params, batch, tables, rng):
+    rng_neg, rng_drop = jax.random.split(rng)
+    users = model.apply(params, batch, tables, True, method=model.encode_users, rngs={"dropout": rng_drop})
+    pos_ids = batch["target"]
+    if cfg.kind == "sampled_softmax":
+      neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
+      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True,
+                          method=model.encode_items, rngs={"dropout": rng_drop})
+      pos, neg = items[: pos_ids.shape[0]], items[pos_ids.shape[0]:]
+      loss, logits = losses.sampled_softmax_loss(
+          users, pos, neg, pos_ids, neg_ids,
+          pos_log_q=log_q[pos_ids] if cfg.logq else None,
+          neg_log_q=log_q[neg_ids] if cfg.logq else None,
+          temperature=cfg.temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+    elif cfg.kind == "in_batch":
+      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs={"dropout": rng_drop})
+      loss, logits = losses.in_batch_softmax_loss(
+          users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=cfg.temperature)
+    else:
+      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+    # Fraction of rows whose positive outscores every negative: a cheap, loss-independent signal.
+    batch_acc = jnp.mean(jnp.argmax(logits, axis=1) == (0 if cfg.kind == "sampled_softmax" else jnp.arange(logits.shape[0])))
+    return loss.mean(), {"loss": loss.mean(), "batch_acc": batch_acc}
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch, tables, key):
+    rng = jax.random.fold_in(key, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding users and items for evaluation and serving
+# --------------------------------------------------------------------------------------------------
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_encoders(model):
+  users = jax.jit(lambda p, b, t: model.apply(p, b, t, False, method=model.encode_users))
+  items = jax.jit(lambda p, ids, t: model.apply(p, ids, t, False, method=model.encode_items))
+  return users, items
+
+
+def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
+  """All item vectors [I, D]; the last chunk is padded so every call has the same shape."""
+  _, enc = _jitted_encoders(exp.model)
+  n = exp.data.num_items
+  size = min(chunk, n)
+  out = []
+  for s, e in _chunks(n, size):
+    ids = np.arange(s, s + size) % n
+    out.append(np.asarray(enc(params, jnp.asarray(ids, jnp.int32), exp.tables))[: e - s])
+  return np.concatenate(out)
+
+
+def encode_users(exp: Experiment, params, eval_set, chunk: int = 4096) -> np.ndarray:
+  """User vectors for every row of an EvalSet, [Q, D] (or [Q, K, D] for multi-interest models)."""
+  enc, _ = _jitted_encoders(exp.model)
+  q = len(eval_set.user)
+  size = min(chunk, q)
+  out = []
+  for s, e in _chunks(q, size):
+    idx = np.arange(s, s + size) % q
+    batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
+    out.append(np.asarray(enc(params, batch, exp.tables))[: e - s])
+  return np.concatenate(out)
+
+
+def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
+  evaluator = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
+  return evaluator.evaluate(encode_users(exp, params, exp.eval_sets[split]), encode_items(exp, params))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def _manager(path: str, max_to_keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(path),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_names=("state", "meta"))
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_params(workdir: str, exp: Experiment, which: str = "best") -> tuple[Any, int]:
+  """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
+  path = os.path.join(workdir, "best" if which == "best" else "checkpoints")
+  mngr = _manager(path, 1)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
+  tx = make_optimizer(exp.config.optimizer, 1)
+  template = jax.eval_shape(lambda: init_state(exp, tx, jax.random.key(0)))
+  target = template.params if which == "best" else template
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+  state = restored["state"]
+  return (state if which == "best" else state.params), step
+
+
+# --------------------------------------------------------------------------------------------------
+# train_and_evaluate
+# --------------------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` when a checkpoint exists), evaluates, builds the index.
+
+  Returns a dict with 'valid' and 'test' metrics of the best-by-validation parameters, the best step,
+  ANN recall and throughput.
+  """
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  exp = build_experiment(config)
+  steps_per_epoch = len(exp.train_source) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(exp.train_source)} training examples: lower it")
+  total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
+  logging.info("%s: %d training examples, %d steps/epoch, %d steps", config.dataset.name,
+               len(exp.train_source), steps_per_epoch, total_steps)
+
+  tx = make_optimizer(config.optimizer, total_steps)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  state = init_state(exp, tx, init_key)
+  train_step = make_train_step(exp, tx)
+
+  # Load checkpoint: the latest one, with the early-stopping state that belongs to it.
+  latest = _manager(os.path.join(workdir, "checkpoints"), 2)
+  best = _manager(os.path.join(workdir, "best"), 1)
+  meta = {"best_metric": -1.0, "best_step": -1, "evals_without_improvement": 0, "stopped_early": False}
+  if latest.latest_step() is not None:
+    restored = latest.restore(latest.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
+    state, meta = restored["state"], restored["meta"]
+    logging.info("resumed from step %d", int(state.step))
+  start_step = int(state.step)
+  writer = MetricsWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
+  writer.truncate_after(start_step)
+  (open(os.path.join(workdir, "config.json"), "w").write(config.to_json_best_effort(indent=2))
+   if is_main else None)
+
+  def save(step: int, mngr, tree):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+  select = config.select_metric
+  dataset = pipeline.train_batches(exp.train_source, config.batch_size, seed=config.seed)
+  batches = pipeline.iterate(dataset, start_step=start_step, prefetch=config.get("prefetch", 2))
+  fail_at = config.get("fail_at_step", -1)  # fault injection for the resume test: dies like a kill -9
+  train_time, train_examples_seen, t_last = 0.0, 0, time.perf_counter()
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not is_main or not config.get("progress", True),
+             dynamic_ncols=True, mininterval=1.0)
+  step = start_step
+  while step < total_steps and not meta["stopped_early"]:
+    batch = next(batches)
+    state, metrics = train_step(state, batch, exp.tables, step_key)
+    step += 1
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      dt = now - t_last
+      t_last = now
+      ex_s = config.log_every_steps * config.batch_size / max(dt, 1e-9)
+      metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
+      metrics["train/examples_per_sec"] = ex_s
+      metrics["train/epoch"] = step / steps_per_epoch
+      writer.write(step, metrics)
+      bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ex_s=f"{ex_s:,.0f}", epoch=f"{metrics['train/epoch']:.1f}")
+      if step > config.log_every_steps:  # the first window includes compilation
+        train_time += dt
+        train_examples_seen += config.log_every_steps * config.batch_size
+    is_eval = step % config.eval_every_steps == 0 or step == total_steps
+    if is_eval:
+      valid = evaluate(exp, state.params, "valid")
+      writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
+      if valid[select] > meta["best_metric"]:
+        meta.update(best_metric=float(valid[select]), best_step=step, evals_without_improvement=0)
+        save(step, best, state.params)
+      else:
+        meta["evals_without_improvement"] += 1
+        if config.early_stopping_patience and meta["evals_without_improvement"] >= config.early_stopping_patience:
+          meta["stopped_early"] = True
+          logging.info("early stop at step %d: best valid %s %.4f at step %d", step, select,
+                       meta["best_metric"], meta["best_step"])
+      bar.write(f"step {step}: valid " + "  ".join(f"{k} {v:.4f}" for k, v in valid.items()))
+    if is_eval or step % config.checkpoint_every_steps == 0:
+      save(step, latest, state)
+    if step == fail_at:
+      latest.wait_until_finished()
+      best.wait_until_finished()
+      os._exit(3)  # pylint: disable=protected-access
+  bar.close()
+  latest.wait_until_finished()
+  best.wait_until_finished()
+  writer.flush()
+
+  # Final evaluation with the best-by-validation parameters, and the serving index.
+  params, best_step = restore_params(workdir, exp, "best")
+  results = {"valid": evaluate(exp, params, "valid"), "test": evaluate(exp, params, "test"), "best_step": best_step,
+             "final_step": step, "stopped_early": bool(meta["stopped_early"]),
+             "train_examples_per_sec": train_examples_seen / train_time if train_time else None}
+  writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
+  if config.index.build:
+    results["index"] = build_and_save_index(exp, params, best_step, workdir)
+  if is_main:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  writer.close()
+  return results
+
+
+def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> dict[str, Any]:
+  """Indexes the item vectors, saves the index with its step, and measures ANN recall@10 vs exact."""
+  items = encode_items(exp, params)
+  cfg = retrieval.IndexConfig.for_size(items.shape[0], **{k: v for k, v in exp.config.index.items() if k != "build"})
+  t0 = time.perf_counter()
+  index = retrieval.build_index(items, cfg)
+  build_s = time.perf_counter() - t0
+  path = os.path.join(workdir, "index")
+  index.save(path, step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
+  test = exp.eval_sets["test"]
+  users = encode_users(exp, params, test)
+  k = 10
+  ann_ids, _ = index.search(users, k)
+  _, exact_ids = evaluation.exact_topk(users, items, k)
+  return {"backend": type(index).__name__, "path": "index", "build_seconds": build_s,
+          "ann_recall@10": float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))}

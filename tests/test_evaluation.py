@@ -1,0 +1,278 @@
+"""Tests for mvhan_jax.evaluation: hand-computed metrics and NumPy brute force."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from mvhan_jax import evaluation as ev
+
+
+# ---------------------------------------------------------------------------
+# NumPy references.
+# ---------------------------------------------------------------------------
+
+
+def _csr(lists):
+  indptr = np.zeros(len(lists) + 1, np.int64)
+  indptr[1:] = np.cumsum([len(l) for l in lists])
+  indices = np.array([i for l in lists for i in l], np.int32)
+  return indptr, indices
+
+
+def _brute_scores(queries, items, mask=None, excl=None):
+  """float64 [Q, I] max-over-live-interest scores, -inf for excluded items."""
+  q = np.asarray(queries, np.float64)
+  if q.ndim == 2:
+    q = q[:, None]
+  s = np.einsum("qkd,id->qki", q, np.asarray(items, np.float64))
+  if mask is not None:
+    s = np.where(np.asarray(mask)[:, :, None], s, -np.inf)
+  s = s.max(axis=1)
+  if excl is not None:
+    for row, ids in enumerate(excl):
+      s[row, list(ids)] = -np.inf
+  return s
+
+
+def _brute_topk(scores, k):
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, order, 1), order
+
+
+def _random_exclusions(rng, num_queries, num_items, max_len):
+  return [rng.choice(num_items, size=rng.integers(0, max_len + 1), replace=False)
+          for _ in range(num_queries)]
+
+
+# ---------------------------------------------------------------------------
+# Metrics against hand-computed numbers.
+# ---------------------------------------------------------------------------
+
+
+def test_leave_one_out_metrics_hand_computed():
+  ranks = np.array([0, 3, 12, 60])
+  m = ev.leave_one_out_metrics(ranks, ks=(10, 50))
+  # HR@10: ranks 0 and 3 hit -> 2/4; HR@50: 0, 3, 12 hit -> 3/4.
+  assert m["HR@10"] == pytest.approx(0.5)
+  assert m["HR@50"] == pytest.approx(0.75)
+  # NDCG: rank 0 -> 1, rank 3 -> 1/log2(5) = 0.430677, rank 12 -> 0 at k=10,
+  # 1/log2(14) = 0.262650 at k=50, rank 60 -> 0.
+  assert m["NDCG@10"] == pytest.approx((1 + 0.4306765581) / 4, abs=1e-9)
+  assert m["NDCG@50"] == pytest.approx((1 + 0.4306765581 + 0.2626495350) / 4, abs=1e-9)
+  # MRR over all ranks, untruncated: (1 + 1/4 + 1/13 + 1/61) / 4.
+  assert m["MRR"] == pytest.approx((1 + 0.25 + 1 / 13 + 1 / 61) / 4)
+  per = ev.leave_one_out_per_user(ranks, ks=(10,))
+  np.testing.assert_allclose(per["NDCG@10"], [1.0, 0.4306765581, 0.0, 0.0], atol=1e-9)
+
+
+def test_multi_target_metrics_hand_computed():
+  topk = np.array([
+      [5, 1, 7, 2],      # truth {1, 2, 9}: hits at positions 1 and 3
+      [0, 3, 4, 8],      # truth {6}: no hit
+      [6, 2, -1, -1],    # truth {6, 6}: duplicated id counts once -> hit at 0
+  ])
+  targets = np.array([[9, 1, 2], [6, -1, -1], [6, 6, -1]])
+  m = ev.multi_target_per_user(topk, targets, ks=(2, 4))
+  # k=2: row0 sees {5, 1} -> 1 of 3 truths; row2 -> 1 of 1.
+  np.testing.assert_allclose(m["Recall@2"], [1 / 3, 0, 1])
+  np.testing.assert_allclose(m["HR@2"], [1, 0, 1])
+  # NDCG@2 row0: DCG = 1/log2(3) = 0.630930; IDCG over min(3, 2) = 2 slots
+  # = 1 + 0.630930 -> 0.386853.
+  np.testing.assert_allclose(m["NDCG@2"], [0.6309297536 / 1.6309297536, 0, 1], atol=1e-9)
+  # k=4 row0: DCG = 1/log2(3) + 1/log2(5) = 1.061606; IDCG over 3 slots
+  # = 1 + 0.630930 + 0.5 = 2.130930 -> 0.498189.
+  np.testing.assert_allclose(m["Recall@4"], [2 / 3, 0, 1])
+  np.testing.assert_allclose(
+      m["NDCG@4"], [(0.6309297536 + 0.4306765581) / 2.1309297536, 0, 1], atol=1e-9)
+  means = ev.multi_target_metrics(topk, targets, ks=(2, 4))
+  assert means["Recall@4"] == pytest.approx((2 / 3 + 1) / 3)
+  assert means["HR@4"] == pytest.approx(2 / 3)
+
+
+def test_multi_target_metrics_rejects_bad_input():
+  with pytest.raises(ValueError, match="max\\(ks\\)"):
+    ev.multi_target_metrics(np.zeros((1, 10), int), np.zeros((1, 1), int), ks=(20,))
+  with pytest.raises(ValueError, match="no valid target"):
+    ev.multi_target_metrics(np.arange(4)[None], np.full((1, 2), -1), ks=(2,))
+  with pytest.raises(ValueError, match="twice"):
+    ev.multi_target_metrics(np.array([[3, 3]]), np.array([[3]]), ks=(2,))
+
+
+# ---------------------------------------------------------------------------
+# exact_topk.
+# ---------------------------------------------------------------------------
+
+
+def test_exact_topk_matches_brute_force_with_exclusions_and_odd_chunks():
+  rng = np.random.default_rng(0)
+  q, i, d, k = 13, 57, 8, 20
+  queries = rng.normal(size=(q, d)).astype(np.float32)
+  items = rng.normal(size=(i, d)).astype(np.float32)
+  excl = _random_exclusions(rng, q, i, 9)
+  indptr, indices = _csr(excl)
+  # Chunks that divide neither Q nor I, and k = 20 larger than an item chunk of 16.
+  scores, ids = ev.exact_topk(queries, items, k, exclude_indptr=indptr, exclude_indices=indices,
+                              item_chunk=16, query_chunk=5)
+  ref_s, ref_i = _brute_topk(_brute_scores(queries, items, excl=excl), k)
+  np.testing.assert_array_equal(ids, ref_i)
+  np.testing.assert_allclose(scores, ref_s, rtol=1e-5, atol=1e-5)
+  assert ids.dtype == np.int32 and scores.dtype == np.float32
+  for row in range(q):
+    assert not set(ids[row]) & set(excl[row].tolist())
+
+
+def test_exact_topk_multi_interest_ignores_masked_interest():
+  rng = np.random.default_rng(1)
+  q, kint, i, d, k = 6, 3, 40, 4, 7
+  queries = rng.normal(size=(q, kint, d)).astype(np.float32)
+  items = rng.normal(size=(i, d)).astype(np.float32)
+  # Interest 2 of every even user is huge and masked: if it leaked, it would
+  # own the whole top-k.
+  queries[::2, 2] = 100.0 * items[0]
+  mask = np.ones((q, kint), bool)
+  mask[::2, 2] = False
+  scores, ids = ev.exact_topk(queries, items, k, query_mask=mask, item_chunk=9, query_chunk=4)
+  ref_s, ref_i = _brute_topk(_brute_scores(queries, items, mask), k)
+  np.testing.assert_array_equal(ids, ref_i)
+  np.testing.assert_allclose(scores, ref_s, rtol=1e-5, atol=1e-5)
+  assert all(len(set(row)) == k for row in ids)  # de-duplicated by construction
+  # Unmasked, the dominant interest does take over (the test is not vacuous).
+  _, ids_unmasked = ev.exact_topk(queries, items, k, item_chunk=9, query_chunk=4)
+  np.testing.assert_array_equal(ids_unmasked, _brute_topk(_brute_scores(queries, items), k)[1])
+  assert not np.array_equal(ids_unmasked[::2], ids[::2])
+
+
+def test_exact_topk_pads_when_exclusions_leave_fewer_than_k():
+  items = np.eye(4, dtype=np.float32)
+  queries = np.ones((2, 4), np.float32)
+  indptr, indices = _csr([[0, 1, 2], []])
+  scores, ids = ev.exact_topk(queries, items, 3, exclude_indptr=indptr, exclude_indices=indices,
+                              item_chunk=3)
+  np.testing.assert_array_equal(ids, [[3, -1, -1], [0, 1, 2]])  # ties -> lower id first
+  assert np.isneginf(scores[0, 1:]).all() and scores[0, 0] == 1.0
+
+
+def test_exact_topk_argument_errors():
+  items = np.zeros((5, 3), np.float32)
+  with pytest.raises(ValueError, match="k must lie"):
+    ev.exact_topk(np.zeros((2, 3)), items, 6)
+  with pytest.raises(ValueError, match="no live interest"):
+    ev.exact_topk(np.zeros((2, 2, 3)), items, 1, query_mask=np.array([[1, 0], [0, 0]], bool))
+  with pytest.raises(ValueError, match="D = 4"):
+    ev.exact_topk(np.zeros((2, 4)), items, 1)
+  with pytest.raises(ValueError, match="both exclude_indptr"):
+    ev.exact_topk(np.zeros((2, 3)), items, 1, exclude_indptr=np.zeros(3, np.int64))
+
+
+# ---------------------------------------------------------------------------
+# target_ranks.
+# ---------------------------------------------------------------------------
+
+
+def test_target_ranks_match_brute_force():
+  rng = np.random.default_rng(2)
+  q, kint, i, d = 11, 2, 45, 6
+  queries = rng.normal(size=(q, kint, d)).astype(np.float32)
+  mask = rng.random((q, kint)) < 0.7
+  mask[:, 0] = True
+  items = rng.normal(size=(i, d)).astype(np.float32)
+  items[30:35] = items[3]  # exact duplicates: ties must count against the target
+  targets = rng.integers(0, i, size=q)
+  targets[0] = 3
+  excl = []
+  for t in targets:
+    e = rng.choice(i, size=rng.integers(0, 8), replace=False)
+    excl.append(e[e != t])
+  indptr, indices = _csr(excl)
+  ranks = ev.target_ranks(queries, items, targets[:, None], query_mask=mask,
+                          exclude_indptr=indptr, exclude_indices=indices,
+                          item_chunk=7, query_chunk=4)
+  s = _brute_scores(queries, items, mask, excl)
+  st = s[np.arange(q), targets]
+  s[np.arange(q), targets] = -np.inf
+  np.testing.assert_array_equal(ranks, (s >= st[:, None]).sum(axis=1))
+  # Target 3 has 5 exact copies (30..34) that are not excluded -> they all rank above it.
+  assert ranks[0] >= 5 - np.isin(np.arange(30, 35), excl[0]).sum()
+
+
+def test_target_ranks_constant_scorer_is_pessimistic():
+  rng = np.random.default_rng(3)
+  i = 50
+  items = np.tile(rng.normal(size=(1, 8)).astype(np.float32), (i, 1))  # identical items
+  queries = rng.normal(size=(4, 8)).astype(np.float32)
+  targets = np.array([0, 17, 49, 25])
+  excl = [[1, 2], [], [3, 4, 5], [24]]
+  indptr, indices = _csr(excl)
+  ranks = ev.target_ranks(queries, items, targets, exclude_indptr=indptr,
+                          exclude_indices=indices, item_chunk=16)
+  # Worst rank = I - 1 - #excluded.
+  np.testing.assert_array_equal(ranks, [47, 49, 46, 48])
+
+
+def test_target_in_exclusions_raises():
+  indptr, indices = _csr([[1, 2], [4]])
+  with pytest.raises(ValueError, match="query 1: its target item 4 is in its exclusion list"):
+    ev.target_ranks(np.ones((2, 3)), np.ones((6, 3)), [0, 4],
+                    exclude_indptr=indptr, exclude_indices=indices)
+  with pytest.raises(ValueError, match="multi_target_metrics"):
+    ev.target_ranks(np.ones((2, 3)), np.ones((6, 3)), np.zeros((2, 2), int))
+
+
+# ---------------------------------------------------------------------------
+# Evaluators.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _EvalSet:
+  user: np.ndarray
+  history: np.ndarray
+  history_len: np.ndarray
+  exclude_indptr: np.ndarray
+  exclude_indices: np.ndarray
+  targets: np.ndarray
+
+
+def _toy_eval_set(targets, excl):
+  q = len(targets)
+  indptr, indices = _csr(excl)
+  return _EvalSet(np.arange(q, dtype=np.int32), np.zeros((q, 1), np.int32),
+                  np.zeros(q, np.int32), indptr, indices, np.asarray(targets, np.int32))
+
+
+def test_leave_one_out_evaluator_end_to_end():
+  # 1-D scores: user u scores item i as u * i, so the ranking is by item id.
+  items = np.arange(20, dtype=np.float32)[:, None]
+  users = np.array([[1.0], [-1.0]], np.float32)
+  # User 0 ranks 19, 18, ...; 19 and 18 are excluded -> target 15 has rank 2.
+  # User 1 ranks 0, 1, ...; target 0 has rank 0.
+  es = _toy_eval_set([[15], [0]], [[19, 18], [5]])
+  evaluator = ev.EVALUATORS["leave_one_out"](es, ks=(1, 3))
+  m = evaluator.evaluate(users, items)
+  assert m == pytest.approx({"HR@1": 0.5, "HR@3": 1.0, "NDCG@1": 0.5,
+                             "NDCG@3": (1 + 0.5) / 2, "MRR": (1 / 3 + 1) / 2})
+  np.testing.assert_array_equal(evaluator.per_user(users, items)["rank"], [2, 0])
+  with pytest.raises(ValueError, match="eval set has 2 queries"):
+    evaluator.evaluate(users[:1], items)
+
+
+def test_comirec_evaluator_end_to_end_multi_interest():
+  items = np.arange(10, dtype=np.float32)[:, None]
+  # Interest 0 prefers high ids, interest 1 low ids; merged by max |score|.
+  users = np.array([[[1.0], [-0.5]]], np.float32)
+  mask = np.array([[True, True]])
+  # Scores: 9, 8, 7, ..., and 0 (item 0 from interest 1), item 1 -> max(1, -0.5)=1.
+  # Item 9 is history -> top-3 = [8, 7, 6].
+  es = _toy_eval_set([[7, 0, -1]], [[9]])
+  evaluator = ev.get_evaluator("comirec", es, ks=(1, 3))
+  per = evaluator.per_user(users, items, mask)
+  np.testing.assert_array_equal(per["topk_ids"], [[8, 7, 6]])
+  m = evaluator.evaluate(users, items, mask)
+  # Truth {7, 0}: @1 no hit; @3 hit at position 1 -> recall 1/2,
+  # NDCG = (1/log2 3) / (1 + 1/log2 3).
+  assert m == pytest.approx({"Recall@1": 0.0, "HR@1": 0.0, "NDCG@1": 0.0, "Recall@3": 0.5,
+                             "HR@3": 1.0, "NDCG@3": 0.6309297536 / 1.6309297536})
+  with pytest.raises(ValueError, match="unknown evaluator"):
+    ev.get_evaluator("sampled", es)
