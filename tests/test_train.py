@@ -117,3 +117,18 @@ def test_bad_config_is_a_clear_error(tmp_path):
     train.train_and_evaluate(_config(**{"loss.sampler": "zipfian"}), str(tmp_path))
   with pytest.raises(ValueError, match="config.batch_size"):
     train.train_and_evaluate(_config(batch_size=10**7), str(tmp_path))
+
+
+def test_early_stopping_stops_when_validation_stalls(tmp_path):
+  # lr = 0 freezes the parameters, so validation never improves after the first evaluation.
+  cfg = _config(**{"optimizer.lr": 0.0, "eval_every_steps": 20, "early_stopping_patience": 2, "index.build": False})
+  results = train.train_and_evaluate(cfg, str(tmp_path))
+  assert results["stopped_early"] and results["final_step"] == 60 and results["best_step"] == 20
+
+
+def test_in_batch_negatives_learn(tmp_path):
+  cfg = _config(**{"loss.kind": "in_batch", "index.build": False})
+  results = train.train_and_evaluate(cfg, str(tmp_path))
+  losses = [r["train/loss"] for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert results["valid"]["HR@50"] > 0.10

@@ -4,8 +4,10 @@ Launch:
   mvhan-train --config=experiments/configs/two_tower_ml100k.py --workdir=/tmp/tt_ml100k
   mvhan-train --config=experiments/configs/two_tower_ml100k.py:smoke --workdir=/tmp/tt_smoke
 
-Arguments after ':' (comma-separated): 'smoke' (a few hundred steps, for tests).
-Expected result: see experiments/results/ml100k.md (HR@10 / HR@50 on the test users).
+Arguments after ':' (comma-separated): 'recency' (learned recency-weighted history pooling instead
+of the mean), 'smoke' (120 steps of a small model, for tests).
+Expected result (2-core CPU, ~3 minutes): test HR@10 ~0.12, HR@50 ~0.36 with mean pooling; see
+experiments/results/ml100k.md for mean ± std over seeds and the command that produced it.
 """
 
 import ml_collections
@@ -49,12 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 1.0
 
   c.batch_size = 256
-  c.num_epochs = 20
+  c.num_epochs = 12
   c.total_steps = 0                 # > 0 overrides num_epochs
   c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.early_stopping_patience = 4     # evaluations without a better valid NDCG@10
+  c.eval_every_steps = 380          # about one epoch
+  c.checkpoint_every_steps = 380
+  c.early_stopping_patience = 3     # evaluations without a better valid NDCG@10
   c.select_metric = "NDCG@10"
   c.prefetch = 2
   c.progress = True
@@ -65,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.index.build = True
   c.index.backend = "scann"
 
+  if "recency" in args:
+    c.model.pooling = "recency"
   if "smoke" in args:
     c.total_steps = 120
     c.log_every_steps = 20

@@ -1,0 +1,100 @@
+r"""Produces experiments/results/ml100k.md: MovieLens-100k leave-one-out test metrics, mean ± std over seeds.
+
+  python experiments/ml100k_table.py --seeds=0,1,2 --out=experiments/results/ml100k.md
+
+Every model row trains the named config once per seed (workdirs under --workdir_root, resumed if
+present) and reports the test metrics of the best-by-validation checkpoint. The popularity row ranks
+items by training frequency (deterministic: one value).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mvhan_jax import evaluation  # noqa: E402
+from mvhan_jax import report  # noqa: E402
+from mvhan_jax import train  # noqa: E402
+
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
+flags.DEFINE_string("out", "experiments/results/ml100k.md", "Markdown file to write.")
+flags.DEFINE_string("workdir_root", "runs/ml100k_table", "Where each run's workdir goes.")
+FLAGS = flags.FLAGS
+
+METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")
+# Row name -> config file:args.
+MODELS = {
+    "Two-tower (mean pooling, default)": "experiments/configs/two_tower_ml100k.py",
+    "Two-tower (recency pooling)": "experiments/configs/two_tower_ml100k.py:recency",
+}
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def popularity(exp) -> dict[str, float]:
+  counts = np.bincount(np.concatenate(exp.split.train_sequences), minlength=exp.data.num_items).astype(np.float32)
+  test = exp.eval_sets["test"]
+  return evaluation.LeaveOneOutEvaluator(test).evaluate(np.ones((len(test.user), 1), np.float32), counts[:, None])
+
+
+def main(argv):
+  del argv
+  rows, timing = {}, {}
+  for name, spec in MODELS.items():
+    rows[name] = []
+    for seed in map(int, FLAGS.seeds):
+      cfg = load_config(spec)
+      cfg.seed = seed
+      cfg.progress = False
+      workdir = os.path.join(FLAGS.workdir_root, spec.replace("/", "_").replace(":", "_"), f"seed{seed}")
+      t0 = time.time()
+      rows[name].append(train.train_and_evaluate(cfg, workdir)["test"])
+      timing.setdefault(name, []).append(time.time() - t0)
+      print(f"{name} seed {seed}: {rows[name][-1]}  ({timing[name][-1]:.0f} s)", flush=True)
+  rows["Popularity"] = [popularity(train.build_experiment(load_config(MODELS[next(iter(MODELS))])))]
+  table = report.mean_std_table(rows, METRICS)
+  seeds = ",".join(FLAGS.seeds)
+  text = f"""# MovieLens-100k, leave-one-out, full ranking
+
+Protocol: each user's interactions sorted by (timestamp, item id); the last one is the test target,
+the second-to-last the validation target. Every item the user has seen is excluded from the ranking,
+the target never. All 943 users, all 1,682 items. Test metrics of the best-by-validation-NDCG@10
+checkpoint; mean ± std (sample std) over seeds {seeds}.
+
+{table}
+
+Produced by:
+
+```bash
+python experiments/ml100k_table.py --seeds={seeds} --out={FLAGS.out}
+```
+
+Machine: {report.machine_description()}. Wall time per run (train + evaluate + index):
+{"; ".join(f"{n}: {np.mean(t):.0f} s" for n, t in timing.items())}.
+
+Reference points on this exact protocol (from the project's issue tracker, not produced here): a
+matrix-factorization BPR peer reaches HR@10 0.081 / HR@50 0.302; GRU4Rec 0.108 HR@10.
+"""
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
