@@ -51,8 +51,8 @@ def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, floa
   seen = set(test.exclude_indices[test.exclude_indptr[row]:test.exclude_indptr[row + 1]].tolist())
   sub = type(test)(**{f: getattr(test, f)[row:row + 1] if f not in ("exclude_indptr", "exclude_indices") else getattr(test, f)
                       for f in test.__dataclass_fields__})
-  vec = train.encode_users(exp, params, sub)
-  ids, scores = index.search(vec, min(top_n + len(seen), exp.data.num_items))
+  vec, mask = train.encode_users(exp, params, sub)
+  ids, scores = index.search(vec, min(top_n + len(seen), exp.data.num_items), query_mask=mask)
   out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in seen]
   return out[:top_n]
 

@@ -110,7 +110,7 @@ def init_state(exp: Experiment, tx, rng) -> TrainState:
 
   @jax.jit
   def _init(rng, batch):
-    params = exp.model.init({"params": rng}, batch, exp.tables)
+    params = exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   return _init(rng, batch)
@@ -125,29 +125,39 @@ def make_train_step(exp: Experiment, tx) -> Callable:
   cdf = jnp.asarray(exp.sampler.cdf)
   log_q = jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1)))
 
+  multi = getattr(model, "multi_interest", False)
+
   def loss_fn(params, batch, tables, rng):
-    rng_neg, rng_drop = jax.random.split(rng)
-    users = model.apply(params, batch, tables, True, method=model.encode_users, rngs={"dropout": rng_drop})
+    rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
+    rngs = {"dropout": rng_drop, "routing": rng_route}
     pos_ids = batch["target"]
+    b = pos_ids.shape[0]
     if cfg.kind == "sampled_softmax":
       neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
-      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True,
-                          method=model.encode_items, rngs={"dropout": rng_drop})
-      pos, neg = items[: pos_ids.shape[0]], items[pos_ids.shape[0]:]
+      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
+      pos, neg = items[:b], items[b:]
+    elif cfg.kind == "in_batch":
+      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs)
+    else:
+      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+    users = model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs)
+    if multi:
+      # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
+      interests, mask = users
+      users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
+    if cfg.kind == "sampled_softmax":
       loss, logits = losses.sampled_softmax_loss(
           users, pos, neg, pos_ids, neg_ids,
           pos_log_q=log_q[pos_ids] if cfg.logq else None,
           neg_log_q=log_q[neg_ids] if cfg.logq else None,
           temperature=cfg.temperature, remove_accidental_hits=cfg.remove_accidental_hits)
-    elif cfg.kind == "in_batch":
-      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs={"dropout": rng_drop})
+      correct = jnp.argmax(logits, axis=1) == 0
+    else:
       loss, logits = losses.in_batch_softmax_loss(
           users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=cfg.temperature)
-    else:
-      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+      correct = jnp.argmax(logits, axis=1) == jnp.arange(b)
     # Fraction of rows whose positive outscores every negative: a cheap, loss-independent signal.
-    batch_acc = jnp.mean(jnp.argmax(logits, axis=1) == (0 if cfg.kind == "sampled_softmax" else jnp.arange(logits.shape[0])))
-    return loss.mean(), {"loss": loss.mean(), "batch_acc": batch_acc}
+    return loss.mean(), {"loss": loss.mean(), "batch_acc": jnp.mean(correct)}
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, batch, tables, key):
@@ -169,11 +179,20 @@ def _chunks(n: int, size: int):
     yield start, min(start + size, n)
 
 
+# Routing-style models draw random initial logits; evaluation and serving use one fixed key so that
+# a user's vectors are a deterministic function of the parameters.
+_EVAL_RNGS = {"routing": 0, "dropout": 0}
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted_encoders(model):
-  users = jax.jit(lambda p, b, t: model.apply(p, b, t, False, method=model.encode_users))
+  def users(p, b, t):
+    rngs = {k: jax.random.key(v) for k, v in _EVAL_RNGS.items()}
+    out = model.apply(p, b, t, False, method=model.encode_users, rngs=rngs)
+    return out if isinstance(out, tuple) else (out, jnp.ones(out.shape[:1], bool))
+
   items = jax.jit(lambda p, ids, t: model.apply(p, ids, t, False, method=model.encode_items))
-  return users, items
+  return jax.jit(users), items
 
 
 def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
@@ -188,22 +207,30 @@ def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
   return np.concatenate(out)
 
 
-def encode_users(exp: Experiment, params, eval_set, chunk: int = 4096) -> np.ndarray:
-  """User vectors for every row of an EvalSet, [Q, D] (or [Q, K, D] for multi-interest models)."""
+def encode_users(exp: Experiment, params, eval_set, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
+  """User vectors for every row of an EvalSet.
+
+  Returns (vectors, mask): [Q, D] and None for single-vector models; [Q, K, D] and the live-interest
+  mask [Q, K] for multi-interest models.
+  """
   enc, _ = _jitted_encoders(exp.model)
   q = len(eval_set.user)
   size = min(chunk, q)
-  out = []
+  vecs, masks = [], []
   for s, e in _chunks(q, size):
     idx = np.arange(s, s + size) % q
     batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
-    out.append(np.asarray(enc(params, batch, exp.tables))[: e - s])
-  return np.concatenate(out)
+    v, m = enc(params, batch, exp.tables)
+    vecs.append(np.asarray(v)[: e - s])
+    masks.append(np.asarray(m)[: e - s])
+  vecs = np.concatenate(vecs)
+  return (vecs, np.concatenate(masks)) if vecs.ndim == 3 else (vecs, None)
 
 
 def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
   evaluator = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
-  return evaluator.evaluate(encode_users(exp, params, exp.eval_sets[split]), encode_items(exp, params))
+  users, mask = encode_users(exp, params, exp.eval_sets[split])
+  return evaluator.evaluate(users, encode_items(exp, params), user_mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,9 +384,9 @@ def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> di
   path = os.path.join(workdir, "index")
   index.save(path, step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
   test = exp.eval_sets["test"]
-  users = encode_users(exp, params, test)
+  users, mask = encode_users(exp, params, test)
   k = 10
-  ann_ids, _ = index.search(users, k)
-  _, exact_ids = evaluation.exact_topk(users, items, k)
+  ann_ids, _ = index.search(users, k, query_mask=mask)
+  _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
   return {"backend": type(index).__name__, "path": "index", "build_seconds": build_s,
           "ann_recall@10": float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))}
