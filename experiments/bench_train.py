@@ -1,6 +1,6 @@
 r"""Training throughput of each retrieval model: compile time and examples/s of the jitted train step.
 
-  python experiments/bench_train.py --models=two_tower,mind,comirec_dr,comirec_sa --batch_sizes=128,1024
+  python experiments/bench_train.py --models=two_tower,mind,mind_1,comirec_dr,comirec_sa --batch_sizes=128,1024
 
 MovieLens-100k training examples at maxlen 50, d = 64, K = 4 interests, sampled softmax with 1024
 shared negatives. The input pipeline is included (Grain batches from memory with prefetch), so the
@@ -28,7 +28,14 @@ from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 
-flags.DEFINE_list("models", ["two_tower"], "Config names: experiments/configs/<name>_ml100k.py.")
+CONFIGS = {
+    "two_tower": "two_tower_ml100k.py",
+    "mind": "mind_ml100k.py:model=mind",
+    "mind_1": "mind_ml100k.py:model=mind,K=1",
+    "comirec_dr": "mind_ml100k.py:model=comirec_dr",
+    "comirec_sa": "mind_ml100k.py:model=comirec_sa",
+}
+flags.DEFINE_list("models", list(CONFIGS), f"Models to time: {sorted(CONFIGS)}.")
 flags.DEFINE_list("batch_sizes", ["128", "1024"], "Batch sizes.")
 flags.DEFINE_integer("steps", 50, "Timed steps after the compile step.")
 flags.DEFINE_string("out_dir", "experiments/results/bench", "Where the JSON goes.")
@@ -36,14 +43,14 @@ FLAGS = flags.FLAGS
 
 
 def load_config(name: str):
-  path = os.path.join(ROOT, "experiments", "configs", f"{name}_ml100k.py")
-  spec = importlib.util.spec_from_file_location("cfg", path)
+  if name not in CONFIGS:
+    raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(CONFIGS)}")
+  file, _, arg = CONFIGS[name].partition(":")
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "experiments", "configs", file))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = mod.get_config(arg or None)
   cfg.model.dim = 64
-  if "num_interests" in cfg.model:
-    cfg.model.num_interests = 4
   cfg.maxlen = 50
   return cfg
 

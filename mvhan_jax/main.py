@@ -94,7 +94,7 @@ def main(argv):
     print(format_table(results, config.model.name))
     if "index" in results:
       print(f"\nANN index ({results['index']['backend']}) saved to {os.path.join(workdir, 'index')}: "
-            f"recall@10 vs exact = {results['index']['ann_recall@10']:.4f}")
+            f"recall@10 / @50 vs exact = {results['index']['ann_recall@10']:.4f} / {results['index']['ann_recall@50']:.4f}")
   if FLAGS.mode == "eval":
     return
   index = retrieval.load_index(os.path.join(workdir, "index"))

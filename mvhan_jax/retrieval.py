@@ -90,13 +90,15 @@ class IndexConfig:
     num_leaves ~ sqrt(n) (ScaNN's rule of thumb), searching ~10% of them (25%
     under 100k items, where sqrt(n) leaves are few and a missed leaf costs a
     large share of recall: measured on MovieLens-100k's 1,682 items, 10% gave
-    recall@10 0.69-0.76, 25% gave 0.95-1.0), trained on up to 250k items. Catalogues under 1,000 items get no
-    tree: partitions there would hold a handful of items each and the whole
-    catalogue is cheaper to scan.
+    recall@10 0.69-0.76, 25% gave 0.95-1.0), trained on up to 250k items.
+    Catalogues under 2,000 items get no tree: partitions there hold a few dozen
+    items, scanning the whole catalogue with AH costs microseconds, and a tree
+    over MovieLens' 1,682 items lost up to 23% recall@10 for multi-interest
+    queries whose interests point at different partitions.
     """
     if num_items < 1:
       raise ValueError(f"num_items must be >= 1, got {num_items}")
-    if num_items < 1000:
+    if num_items < 2000:
       leaves, search = 0, 0
     else:
       leaves = min(num_items, max(1, int(round(math.sqrt(num_items)))))
@@ -441,3 +443,266 @@ def load_index(directory: str) -> _Index:
   if backend not in _BACKENDS:
     raise ValueError(f"{directory!r}: unknown index backend {backend!r}")
   return _BACKENDS[backend].load(directory)
+
+
+# ---------------------------------------------------------------------------
+# Auto-tuning: the fastest ScaNN setting that meets a recall target.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TunePoint:
+  """One measured setting of `autotune`.
+
+  Attributes:
+    config: the IndexConfig (num_leaves, num_leaves_to_search, reorder_k).
+    recall: mean recall@k against exact search over the tuning queries.
+    recall_sem: standard error of that mean (per-query spread / sqrt(Q)).
+    queries_per_s: batched throughput of `ScannIndex.search` (single-threaded
+      `search_batched`, one query = one row of sample_queries, i.e. one user
+      with all its interests and the merge for [Q, K, D] queries); best of
+      `repeats` runs, so interference from other processes is mostly removed.
+    build_time_s: wall time to train and build this setting's tree (shared by
+      every setting with the same num_leaves).
+    index_bytes: size of the serialized index (`searcher.serialize`).
+  """
+
+  config: IndexConfig
+  recall: float
+  recall_sem: float
+  queries_per_s: float
+  build_time_s: float
+  index_bytes: int
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"num_leaves": self.config.num_leaves,
+            "num_leaves_to_search": self.config.num_leaves_to_search,
+            "reorder_k": self.config.reorder_k, "recall": self.recall,
+            "recall_sem": self.recall_sem, "queries_per_s": self.queries_per_s,
+            "build_time_s": self.build_time_s, "index_bytes": self.index_bytes}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+  """What `autotune` chose and everything it measured.
+
+  Attributes:
+    config: the chosen IndexConfig; `build_index(items, config)` rebuilds it.
+    recall, queries_per_s, build_time_s, index_bytes: the chosen point's
+      measurements (see `TunePoint`).
+    target_recall: the requested recall@k.
+    margin: confidence_z * the chosen point's recall standard error; a point
+      is accepted when recall - margin >= target_recall.
+    k: the k of recall@k.
+    curve: every measured point, fastest first (`pareto_front(curve)` gives
+      the useful ones).
+    index: a ready ScannIndex with the chosen config (the tree built during
+      tuning, so no second build is needed).
+  """
+
+  config: IndexConfig
+  recall: float
+  queries_per_s: float
+  build_time_s: float
+  index_bytes: int
+  target_recall: float
+  margin: float
+  k: int
+  curve: tuple[TunePoint, ...]
+  index: "ScannIndex" = dataclasses.field(repr=False, compare=False)
+
+  def as_dict(self) -> dict[str, Any]:
+    """JSON-serialisable summary (without the index)."""
+    return {"config": dataclasses.asdict(self.config), "recall": self.recall,
+            "queries_per_s": self.queries_per_s, "build_time_s": self.build_time_s,
+            "index_bytes": self.index_bytes, "target_recall": self.target_recall,
+            "margin": self.margin, "k": self.k, "curve": [p.as_dict() for p in self.curve]}
+
+
+def default_tune_grid(num_items: int, k: int = 10) -> list[IndexConfig]:
+  """The settings `autotune` tries by default.
+
+  num_leaves ~ sqrt(n) x {0.5, 1, 2}; leaves_to_search 1% .. 40% of the
+  leaves; reorder_k in {2k, 5k, 10k, 25k}. Under 2,000 items there is no tree
+  (IndexConfig.for_size), so only reorder_k varies.
+  """
+  if num_items < 1:
+    raise ValueError(f"num_items must be >= 1, got {num_items}")
+  reorders = sorted({min(num_items, max(k, m * k)) for m in (2, 5, 10, 25)})
+  base = IndexConfig.for_size(num_items)
+  if base.num_leaves == 0:
+    return [dataclasses.replace(base, reorder_k=r) for r in reorders]
+  grid = []
+  root = math.sqrt(num_items)
+  for leaves in sorted({min(num_items, max(2, int(round(root * f)))) for f in (0.5, 1.0, 2.0)}):
+    searches = sorted({min(leaves, max(1, int(math.ceil(leaves * f))))
+                       for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)})
+    for s in searches:
+      for r in reorders:
+        grid.append(dataclasses.replace(base, num_leaves=leaves, num_leaves_to_search=s,
+                                        reorder_k=r))
+  return grid
+
+
+def _per_query_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> np.ndarray:
+  """float [Q]: |approx ∩ exact| / |exact| per query (-1 padding ignored)."""
+  hit = (approx_ids[:, :, None] == exact_ids[:, None, :]) & (exact_ids[:, None, :] >= 0)
+  return hit.any(axis=1).sum(axis=1) / np.maximum((exact_ids >= 0).sum(axis=1), 1)
+
+
+def _serialized_bytes(index: "ScannIndex") -> int:
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  tmp = tempfile.mkdtemp(prefix="scann_size_")
+  try:
+    index.searcher.serialize(tmp, relative_path=True)
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(tmp) for f in files)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pareto_front(curve) -> list[TunePoint]:
+  """The points no other point beats on both queries/s and recall, fastest first.
+
+  Along the front recall rises as speed falls, which is what makes the choice
+  of `choose_setting` monotone in the target.
+  """
+  front, best_recall = [], -math.inf
+  for p in sorted(curve, key=lambda p: (-p.queries_per_s, -p.recall)):
+    if p.recall > best_recall:
+      front.append(p)
+      best_recall = p.recall
+  return front
+
+
+def choose_setting(curve, target_recall: float, confidence_z: float = 2.0) -> TunePoint | None:
+  """Fastest Pareto point with recall - confidence_z * recall_sem >= target_recall.
+
+  Restricting to the Pareto front (by mean recall and queries/s) means a
+  higher target never picks a point with a lower measured recall: the points
+  accepted for a higher target are a subset, and along the front the slower
+  point always has the higher recall. Returns None when no point qualifies.
+  """
+  for p in pareto_front(curve):
+    if p.recall - confidence_z * p.recall_sem >= target_recall:
+      return p
+  return None
+
+
+def autotune(item_vectors, sample_queries, target_recall: float, k: int = 10,
+             candidates=None, *, query_mask=None, confidence_z: float = 2.0,
+             repeats: int = 3) -> TuneResult:
+  """Picks the fastest ScaNN setting whose recall@k meets `target_recall`.
+
+  Settings sharing num_leaves (and the training parameters) share one built
+  tree: leaves_to_search and reorder_k are search-time arguments of ScaNN's
+  `search_batched`, so a grid of 3 leaf counts costs 3 builds, not 72.
+
+  Recall is measured against `evaluation.exact_topk` on `sample_queries`. To
+  make the choice hold on unseen queries from the same distribution, a setting
+  is accepted only when its mean recall minus `confidence_z` standard errors
+  reaches the target, and only Pareto-optimal settings are considered, so a
+  higher target never picks a setting with a lower measured recall (see
+  `choose_setting`). Use a few hundred queries or more: the standard error
+  shrinks as 1 / sqrt(Q).
+
+  Args:
+    item_vectors: float [I, D] catalogue.
+    sample_queries: float [Q, D], or multi-interest [Q, K, D] (with
+      `query_mask` bool [Q, K]): representative serving queries.
+    target_recall: required recall@k in (0, 1].
+    k: results per query.
+    candidates: IndexConfigs to try (default `default_tune_grid(I, k)`).
+    query_mask: bool [Q, K] live interests of multi-interest queries.
+    confidence_z: margin in standard errors (0 = accept the raw mean).
+    repeats: timed runs per setting; the fastest is kept.
+
+  Returns:
+    TuneResult: the chosen config and index, its recall, queries/s, build time
+    and serialized size, and the whole curve.
+
+  Raises:
+    ValueError: target_recall outside (0, 1], or no candidate reaches it (the
+      message names the best recall measured and how to get further).
+    ImportError: scann is not installed.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  if _import_scann() is None:
+    raise ImportError(
+        "autotune needs scann (Linux x86_64 wheels only); elsewhere use ExactIndex, which "
+        "always has recall 1")
+  if not 0.0 < target_recall <= 1.0:
+    raise ValueError(
+        f"target_recall must lie in (0, 1] (recall@k cannot exceed 1), got {target_recall}")
+  if repeats < 1 or confidence_z < 0:
+    raise ValueError(f"need repeats >= 1 and confidence_z >= 0, got {repeats}, {confidence_z}")
+  db = _check_item_vectors(item_vectors)
+  n, dim = db.shape
+  if not 1 <= k <= n:
+    raise ValueError(f"k must lie in [1, num_items = {n}], got {k}")
+  queries = np.ascontiguousarray(sample_queries, dtype=np.float32)
+  if queries.ndim not in (2, 3) or queries.shape[-1] != dim or queries.shape[0] < 1:
+    raise ValueError(
+        f"sample_queries must be a non-empty [Q, {dim}] or [Q, K, {dim}] array (D of "
+        f"item_vectors), got {queries.shape}")
+  candidates = list(default_tune_grid(n, k) if candidates is None else candidates)
+  if not candidates:
+    raise ValueError("candidates is empty: pass None for the default grid")
+  for c in candidates:
+    if not isinstance(c, IndexConfig) or c.backend != "scann" or c.num_leaves > n:
+      raise ValueError(
+          f"candidates must be IndexConfig(backend='scann') with num_leaves <= {n}, got {c!r}")
+
+  _, exact_ids = evaluation.exact_topk(queries, db, k, query_mask=query_mask)
+  # One tree per group of settings that differ only in search-time arguments.
+  groups: dict[tuple, list[IndexConfig]] = {}
+  for c in candidates:
+    key = (c.num_leaves, c.training_sample_size, c.dims_per_block,
+           c.anisotropic_quantization_threshold)
+    groups.setdefault(key, []).append(c)
+
+  points, searchers = [], []
+  for configs in groups.values():
+    tree_config = dataclasses.replace(
+        configs[0], num_leaves_to_search=max(c.num_leaves_to_search for c in configs),
+        reorder_k=max(c.reorder_k for c in configs))
+    t0 = time.perf_counter()
+    tree = ScannIndex.build(db, tree_config)
+    build_s = time.perf_counter() - t0
+    size = _serialized_bytes(tree)
+    for c in configs:
+      view = ScannIndex(tree.searcher, c, n, dim)
+      ids, _ = view.search(queries, k, query_mask)  # also the warm-up run
+      best = math.inf
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        view.search(queries, k, query_mask)
+        best = min(best, time.perf_counter() - t0)
+      per_query = _per_query_recall(ids, exact_ids)
+      searchers.append(tree.searcher)
+      points.append(TunePoint(
+          config=c, recall=float(per_query.mean()),
+          recall_sem=float(per_query.std() / math.sqrt(len(per_query))),
+          queries_per_s=queries.shape[0] / max(best, 1e-9), build_time_s=build_s,
+          index_bytes=size))
+
+  curve = tuple(sorted(points, key=lambda p: (-p.queries_per_s, -p.recall)))
+  chosen = choose_setting(curve, target_recall, confidence_z)
+  if chosen is None:
+    top = max(points, key=lambda p: p.recall)
+    raise ValueError(
+        f"no candidate reaches recall@{k} >= target_recall={target_recall} with "
+        f"confidence_z={confidence_z} standard errors to spare ({queries.shape[0]} queries): "
+        f"the best measured is {top.recall:.4f} +- {top.recall_sem:.4f} with "
+        f"num_leaves={top.config.num_leaves}, num_leaves_to_search="
+        f"{top.config.num_leaves_to_search}, reorder_k={top.config.reorder_k}; lower "
+        "target_recall, pass candidates with more leaves_to_search or a larger reorder_k, "
+        "use more sample_queries (smaller error) or ExactIndex (recall 1)")
+  chosen_searcher = next(s for q, s in zip(points, searchers) if q is chosen)
+  p = chosen
+  return TuneResult(
+      config=p.config, recall=p.recall, queries_per_s=p.queries_per_s,
+      build_time_s=p.build_time_s, index_bytes=p.index_bytes, target_recall=target_recall,
+      margin=confidence_z * p.recall_sem, k=k, curve=curve,
+      index=ScannIndex(chosen_searcher, p.config, n, dim))

@@ -385,8 +385,10 @@ def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> di
   index.save(path, step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
   test = exp.eval_sets["test"]
   users, mask = encode_users(exp, params, test)
-  k = 10
-  ann_ids, _ = index.search(users, k, query_mask=mask)
-  _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
-  return {"backend": type(index).__name__, "path": "index", "build_seconds": build_s,
-          "ann_recall@10": float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))}
+  out = {"backend": type(index).__name__, "path": "index", "build_seconds": build_s}
+  for k in (10, 50):
+    k = min(k, items.shape[0])
+    ann_ids, _ = index.search(users, k, query_mask=mask)
+    _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
+    out[f"ann_recall@{k}"] = float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))
+  return out

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mvhan_jax.models import mind
+from mvhan_jax.models import mvhan
 from mvhan_jax.models import two_tower
 
 MODELS: dict[str, Callable] = {
     "two_tower": two_tower.from_config,
+    **mind.MODELS,
+    **mvhan.MODELS,
 }
 
 

@@ -71,7 +71,7 @@ def interest_mask(history_len: jax.Array, K: int) -> jax.Array:
   return jnp.arange(K)[None, :] < dynamic_interest_count(history_len, K)[:, None]
 
 
-def _check_axis(softmax_axis: str):
+def check_softmax_axis(softmax_axis: str):
   if softmax_axis not in SOFTMAX_AXES:
     raise ValueError(
         f"model.softmax_axis={softmax_axis!r} is unknown: use 'interests' (MIND Algorithm 1) or "
@@ -112,7 +112,7 @@ def b2i_routing(behaviours: jax.Array, behaviour_mask: jax.Array, interest_mask:
   references (DeepMatch, ComiRec) do, so the learned parameters are trained only through the final
   z_j = sum_i w_ij S e_i with the coupling coefficients w_ij acting as constants.
   """
-  _check_axis(softmax_axis)
+  check_softmax_axis(softmax_axis)
   if iterations < 1:
     raise ValueError(f"model.routing_iterations={iterations} must be >= 1")
   B, L, _ = behaviours.shape
@@ -156,7 +156,7 @@ class B2IRouting(nn.Module):
   @nn.compact
   def __call__(self, behaviours: jax.Array, behaviour_mask: jax.Array, interest_mask: jax.Array) -> jax.Array:
     """behaviours [B, L, D], behaviour_mask [B, L], interest_mask [B, K] -> capsules [B, K, D]."""
-    _check_axis(self.softmax_axis)
+    check_softmax_axis(self.softmax_axis)
     S = self.param("S", nn.initializers.lecun_normal(), (self.dim, self.dim))
     B, L, _ = behaviours.shape
     init = self.sigma * jax.random.normal(self.make_rng("routing"), (B, L, self.K), behaviours.dtype)

@@ -1,0 +1,429 @@
+"""MV-HAN: multi-view two-tower retrieval with hybrid attentive networks across content types
+(Fan, Zhang, Wang, Chen, ASE'22, arXiv 2210.07660), and the MV-DNN baseline (Elkahky et al., WWW'15).
+
+Each tower = embedding layer -> feature-extraction layers (FEL) -> multi-view representation layers
+(MRL), as the paper's method section and model figure lay it out. Citations below name the paper's
+components (embedding layer, FEL, MRL, parameter sharing) and its Table 3 ablations:
+- Embedding layer: one D-wide token per field. Content: item id + every item feature except
+  ``type``. User: user id + profile fields + one pooled-history token (masked mean of all history items)
+  + the last ``num_behaviour_tokens`` behaviours as tokens, each = item-id embedding + a learned
+  position embedding (position = distance from the most recent behaviour). The order of the history
+  carries much of the signal on MovieLens (issue 4), which a single pooled field cannot express.
+- FEL: ``fel_layers`` AutoInt-style self-attention blocks over the field tokens, pre-norm:
+  ``x = x + Dropout(MHSA(LayerNorm(x)))``, and one final LayerNorm. Pre-norm keeps the residual path
+  an identity, so stacking trains without warmup. Padded behaviour tokens are key-masked (never
+  attended) and their outputs are zeroed (they carry nothing onward), then all tokens are flattened
+  (the paper's "flatten"; a zeroed padded token flattens to zeros, so padding never reaches the MRL).
+  ``interaction='mlp'`` (Table 3 ablation) replaces MHSA by a residual MLP over the flattened tokens.
+- MRL: one MLP for users; one MLP head per content type for contents.
+- Score: cosine(z_user, z_content) (``normalize=True`` L2-normalises both outputs); the trainer divides
+  by the loss temperature. ``learn_temperature=True`` adds a scalar parameter ``log_temperature``
+  (initialised at log ``init_temperature``) read through ``model.temperature()``; a trainer that
+  supports it uses that value instead of the config's fixed temperature. Without it ``temperature()``
+  returns ``init_temperature`` as a constant.
+
+Content types: ``tables['item']['type']`` holds 1..T (``num_types = T``). Value 0 ("unknown" in the
+feature conventions) is treated as type 1, the source type: jit-compiled code cannot raise on data,
+and the source head is the best-trained one, so it is the safest fallback for an untyped item.
+
+Parameter sharing (Table 3 ablations): the user tower is always shared across types.
+``share_embeddings`` (one set of content embedding tables, or exclusive tables per type selected by the
+item's type), ``share_fel`` (one content FEL, or one per type), ``interaction`` ('mhsa' or 'mlp').
+Per-type modules are one ``nn.vmap``-ed module whose parameters carry a leading axis T; every item is
+run through all T copies and its own type's output is gathered (``_select``). That is vectorised (no
+Python loop over items), creates every type's parameters at ``init`` whatever the init batch holds,
+and gives exactly zero gradient to the heads of types absent from a batch. It costs T x the compute of
+the per-type parts, fine for the few content types of the paper (T = 3). With exclusive embeddings,
+behaviour tokens look the behaviour item up in its own type's id table, so the id embedding of an item
+is the same in both towers under both flags and the flag changes only cross-type sharing.
+
+Interface (as ``two_tower.py``): feature tables ``tables = {'user': {name: [U, ...]}, 'item':
+{name: [I, ...]}}`` are passed to ``apply`` as constants. Histories are left-aligned, most recent at
+``history_len - 1``, and masked with ``history_len`` only (item id 0 is a real item).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
+from mvhan_jax.models.two_tower import _gather
+
+TYPE_FIELD = "type"
+_INIT = nn.initializers.normal(0.05)
+
+
+def _l2(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def _per_type(module_cls, num_types: int, methods=("__call__",)):
+  """``module_cls`` with T independent parameter sets (leading axis T); all inputs are broadcast and
+  the outputs of ``methods`` gain a leading axis T. ``train`` must be passed positionally."""
+  return nn.vmap(module_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=None, out_axes=0, axis_size=num_types, methods=list(methods))
+
+
+def _select(per_type: jax.Array, type_idx: jax.Array) -> jax.Array:
+  """per_type [T, *S, ...], type_idx int [*S] -> [*S, ...]: each row's own type's output.
+
+  A gather (not a one-hot mix), so types absent from ``type_idx`` get exactly zero cotangent.
+  """
+  moved = jnp.moveaxis(per_type, 0, type_idx.ndim)  # [*S, T, ...]
+  idx = type_idx.reshape(type_idx.shape + (1,) * (moved.ndim - type_idx.ndim))
+  return jnp.take_along_axis(moved, idx, axis=type_idx.ndim).squeeze(type_idx.ndim)
+
+
+def recent_behaviours(history: jax.Array, history_len: jax.Array, num_tokens: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """MV-HAN embedding layer, behaviour tokens. history int [B, L] left-aligned, history_len [B],
+  K = num_tokens.
+
+  Returns (ids [B, K], live bool [B, K]): slot k holds the behaviour at distance k from the most recent
+  one (history index history_len-1-k), the slot its position embedding is learned for; slots
+  k >= history_len are padding (that covers K > L too, since history_len <= L).
+  """
+  L = history.shape[1]
+  dist = jnp.arange(num_tokens)[None, :]
+  idx = jnp.clip(history_len[:, None] - 1 - dist, 0, L - 1)
+  return jnp.take_along_axis(history, idx, axis=1), dist < history_len[:, None]
+
+
+class ContentEmbedding(nn.Module):
+  """MV-HAN embedding layer, content side: item-id token + one token per content field.
+
+  Attributes:
+    num_items: I.
+    specs: content fields (item features without ``type``).
+    dim: D.
+  """
+
+  num_items: int
+  specs: Sequence[FeatureSpec]
+  dim: int
+
+  def setup(self):
+    self.id_embed = nn.Embed(self.num_items, self.dim, embedding_init=_INIT)
+    if self.specs:
+      self.fields = FieldEmbedding(self.specs, self.dim)
+
+  def __call__(self, item_ids: jax.Array, features: dict[str, jax.Array]) -> jax.Array:
+    """item_ids [N], features name -> [N, ...]. Returns tokens [N, 1 + F, D]."""
+    tokens = self.id_embed(item_ids)[:, None, :]
+    if self.specs:
+      tokens = jnp.concatenate([tokens, self.fields(features)], axis=1)
+    return tokens
+
+  def embed_ids(self, item_ids: jax.Array) -> jax.Array:
+    """item_ids of any shape [...] -> [..., D] (behaviour tokens share this table)."""
+    return self.id_embed(item_ids)
+
+
+class AttentionBlock(nn.Module):
+  """MV-HAN FEL block (AutoInt-style hybrid attentive interaction): pre-norm MHSA with a key padding mask.
+
+  Attributes:
+    num_heads: attention heads (D must be divisible by it).
+    dropout: on the attention output.
+  """
+
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    """x [N, F, D], mask bool [N, F] (False: padded token). Returns [N, F, D]."""
+    h = nn.LayerNorm()(x)
+    # Key mask only: a padded token is never attended. Fixed fields are always live in both towers, so
+    # no live query sees an all-masked row; a padded query's row is zeroed below, and even an all-masked
+    # row stays finite (flax masks with the dtype's min, not -inf, so the softmax is uniform, not NaN).
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=0.0)(
+        h, h, mask=mask[:, None, None, :])
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return jnp.where(mask[..., None], x + h, 0.0)
+
+
+class MLPBlock(nn.Module):
+  """Table 3 'MLP instead of MHSA' ablation: a pre-norm residual MLP over the flattened tokens, so all
+  fields still interact, but without attention. x [N, F*D] -> [N, F*D].
+
+  Attributes:
+    hidden: bottleneck width.
+    dropout: after the ReLU.
+  """
+
+  hidden: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = nn.relu(nn.Dense(self.hidden)(nn.LayerNorm()(x)))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return x + nn.Dense(x.shape[-1])(h)
+
+
+class FEL(nn.Module):
+  """MV-HAN feature-extraction layers (FEL): tokens [N, F, D] + mask [N, F] -> flat [N, F*D].
+
+  Attributes:
+    num_layers: stacked blocks (0: the masked tokens are flattened as they are).
+    num_heads: attention heads ('mhsa').
+    interaction: 'mhsa' (the paper) or 'mlp' (Table 3 ablation).
+    dropout: inside every block.
+  """
+
+  num_layers: int
+  num_heads: int
+  interaction: str = "mhsa"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    N, F, D = tokens.shape
+    x = jnp.where(mask[..., None], tokens, 0.0)
+    if self.interaction == "mhsa":
+      for i in range(self.num_layers):
+        x = AttentionBlock(self.num_heads, self.dropout, name=f"attention_{i}")(x, mask, train)
+      if self.num_layers:
+        x = jnp.where(mask[..., None], nn.LayerNorm(name="final_norm")(x), 0.0)
+      return x.reshape(N, F * D)
+    x = x.reshape(N, F * D)
+    for i in range(self.num_layers):
+      x = MLPBlock(4 * D, self.dropout, name=f"mlp_{i}")(x, train)
+    return x
+
+
+class MVHAN(nn.Module):
+  """MV-HAN (Fan et al., ASE'22). See the module docstring for the architecture and the sharing flags.
+
+  Attributes:
+    num_users: U (the user-id field).
+    num_items: I.
+    num_types: T, content types 1..T in ``tables['item']['type']``.
+    user_specs: user profile fields.
+    item_specs: item fields; ``type`` is read for head selection and is not a content token.
+    dim: D, the token width and the output width.
+    fel_layers: FEL depth.
+    num_heads: attention heads (``dim`` must be divisible by it).
+    mrl_hidden: ReLU widths of the user MLP and of every per-type content head.
+    num_behaviour_tokens: K, the most recent behaviours given as position-embedded tokens.
+    share_embeddings / share_fel / interaction: the Table 3 ablation flags.
+    normalize: L2-normalise both towers (cosine score).
+    dropout: in the FEL blocks and after every MRL hidden layer.
+    learn_temperature: add a learned ``log_temperature`` (see ``temperature``).
+    init_temperature: its initial value, or the constant ``temperature()`` returns.
+  """
+
+  num_users: int
+  num_items: int
+  num_types: int
+  user_specs: Sequence[FeatureSpec]
+  item_specs: Sequence[FeatureSpec]
+  dim: int = 64
+  fel_layers: int = 2
+  num_heads: int = 2
+  mrl_hidden: Sequence[int] = (256,)
+  num_behaviour_tokens: int = 20
+  share_embeddings: bool = True
+  share_fel: bool = True
+  interaction: str = "mhsa"
+  normalize: bool = True
+  dropout: float = 0.0
+  learn_temperature: bool = False
+  init_temperature: float = 0.1
+
+  def setup(self):
+    if self.interaction not in ("mhsa", "mlp"):
+      raise ValueError(f"model.interaction={self.interaction!r} is unknown: use 'mhsa' or 'mlp'")
+    if self.interaction == "mhsa" and self.dim % self.num_heads:
+      raise ValueError(f"model.dim={self.dim} is not divisible by model.num_heads={self.num_heads}: "
+                       "change one of them")
+    if self.num_types < 1:
+      raise ValueError(f"num_types={self.num_types} must be >= 1 (item feature 'type' holds 1..T)")
+    if self.num_behaviour_tokens < 0 or self.fel_layers < 0:
+      raise ValueError("model.num_behaviour_tokens and model.fel_layers must be >= 0")
+    if self.learn_temperature and self.init_temperature <= 0:
+      raise ValueError(f"model.init_temperature={self.init_temperature} must be > 0")
+    T = self.num_types
+    content_specs = self.content_specs
+    # Content tower: per-type parts are vmapped modules with a leading T axis.
+    emb_cls = (ContentEmbedding if self.share_embeddings
+               else _per_type(ContentEmbedding, T, ("__call__", "embed_ids")))
+    self.content_embed = emb_cls(self.num_items, content_specs, self.dim)
+    fel_cls = FEL if self.share_fel else _per_type(FEL, T)
+    self.content_fel = fel_cls(self.fel_layers, self.num_heads, self.interaction, self.dropout)
+    self.content_heads = _per_type(MLP, T)(tuple(self.mrl_hidden), self.dim, self.dropout)
+    # User tower (always shared across types).
+    self.user_id_embed = nn.Embed(self.num_users, self.dim, embedding_init=_INIT)
+    if self.user_specs:
+      self.user_fields = FieldEmbedding(self.user_specs, self.dim)
+    if self.num_behaviour_tokens:
+      self.position_embed = nn.Embed(self.num_behaviour_tokens, self.dim, embedding_init=_INIT)
+    self.user_fel = FEL(self.fel_layers, self.num_heads, self.interaction, self.dropout)
+    self.user_mlp = MLP(tuple(self.mrl_hidden), self.dim, self.dropout)
+    if self.learn_temperature:
+      self.log_temperature = self.param("log_temperature", nn.initializers.constant(
+          math.log(self.init_temperature)), ())
+
+  @property
+  def content_specs(self) -> tuple[FeatureSpec, ...]:
+    return tuple(s for s in self.item_specs if s.name != TYPE_FIELD)
+
+  def _out(self, x: jax.Array) -> jax.Array:
+    return _l2(x) if self.normalize else x
+
+  def type_index(self, item_ids: jax.Array, tables) -> jax.Array:
+    """0-based type of items of any shape [...]: type t in 1..T -> t-1; unknown (0) -> 0 (type 1)."""
+    t = jnp.take(tables["item"][TYPE_FIELD], item_ids, axis=0)
+    return jnp.clip(t - 1, 0, self.num_types - 1)
+
+  def temperature(self) -> jax.Array:
+    """The score temperature: exp(log_temperature) when learned, else the constant init_temperature."""
+    if self.learn_temperature:
+      return jnp.exp(self.log_temperature)
+    return jnp.asarray(self.init_temperature, jnp.float32)
+
+  def behaviour_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
+    """Id embedding of history items, shared with the content tower's id table. [...] -> [..., D]."""
+    emb = self.content_embed.embed_ids(item_ids)
+    if self.share_embeddings:
+      return emb
+    return _select(emb, self.type_index(item_ids, tables))  # each item's own type's table
+
+  def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
+    """MV-HAN user tower (embedding layer -> FEL -> MRL, shared by all types).
+
+    batch: 'user' [B], 'history' [B, L], 'history_len' [B].
+
+    Tokens [B, 2 + Fu + K, D] = [user id, profile fields..., pooled history, K recent behaviours]
+    -> FEL -> MLP -> [B, D].
+    """
+    history, history_len = batch["history"], batch["history_len"]
+    L = history.shape[1]
+    live = jnp.arange(L)[None, :] < history_len[:, None]  # [B, L]
+    fixed = [self.user_id_embed(batch["user"])[:, None, :]]
+    if self.user_specs:
+      fixed.append(self.user_fields(_gather(tables["user"], batch["user"])))  # [B, Fu, D]
+    fixed.append(masked_mean(self.behaviour_embedding(history, tables), live)[:, None, :])
+    fixed = jnp.concatenate(fixed, axis=1)
+    tokens, mask = fixed, jnp.ones(fixed.shape[:2], bool)
+    K = self.num_behaviour_tokens
+    if K:
+      recent, recent_mask = recent_behaviours(history, history_len, K)
+      behaviours = self.behaviour_embedding(recent, tables) + self.position_embed(jnp.arange(K))[None]
+      tokens = jnp.concatenate([fixed, behaviours], axis=1)
+      mask = jnp.concatenate([mask, recent_mask], axis=1)
+    x = self.user_fel(tokens, mask, train)
+    return self._out(self.user_mlp(x, train))
+
+  def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
+    """MV-HAN content tower (embedding layer -> FEL -> the item's type's MRL head).
+
+    item_ids int [N] -> [N, D].
+    """
+    type_idx = self.type_index(item_ids, tables)  # [N]
+    features = _gather(tables["item"], item_ids)
+    tokens = self.content_embed(item_ids, features)  # [N, F, D], or [T, N, F, D] if exclusive
+    if not self.share_embeddings:
+      tokens = _select(tokens, type_idx)
+    mask = jnp.ones(tokens.shape[:2], bool)
+    x = self.content_fel(tokens, mask, train)  # [N, F*D], or [T, N, F*D] if one FEL per type
+    if not self.share_fel:
+      x = _select(x, type_idx)
+    return self._out(_select(self.content_heads(x, train), type_idx))  # heads: [T, N, D]
+
+  def __call__(self, batch, tables, train: bool = False):
+    """Creates every parameter (all T per-type copies, whatever types the batch holds).
+
+    Returns (users [B, D], target items [B, D]).
+    """
+    if self.learn_temperature:
+      self.temperature()
+    return self.encode_users(batch, tables, train), self.encode_items(batch["target"], tables, train)
+
+
+def _num_types(data: InteractionData) -> int:
+  if TYPE_FIELD not in data.item_features:
+    raise ValueError(f"dataset {data.name!r} has no item feature {TYPE_FIELD!r}: MV-HAN / MV-DNN need a "
+                     "content type per item (int32 [I], values 1..T); use a multi-type dataset or a "
+                     "single-type model such as two_tower")
+  spec = next(s for s in data.item_specs if s.name == TYPE_FIELD)
+  if spec.kind != "categorical" or spec.size < 2:
+    raise ValueError(f"item feature {TYPE_FIELD!r} must be categorical int32 [I] with vocab[{TYPE_FIELD!r}]"
+                     f" = T + 1 >= 2, got kind={spec.kind!r} size={spec.size}")
+  return spec.size - 1
+
+
+def from_config(cfg, data: InteractionData) -> MVHAN:
+  """MV-HAN from ``config.model``; ``num_types`` = vocab['type'] - 1."""
+  return MVHAN(
+      num_users=data.num_users,
+      num_items=data.num_items,
+      num_types=_num_types(data),
+      user_specs=data.user_specs,
+      item_specs=data.item_specs,
+      dim=cfg.dim,
+      fel_layers=cfg.get("fel_layers", 2),
+      num_heads=cfg.get("num_heads", 2),
+      mrl_hidden=tuple(cfg.get("mrl_hidden", (256,))),
+      num_behaviour_tokens=cfg.get("num_behaviour_tokens", 20),
+      share_embeddings=cfg.get("share_embeddings", True),
+      share_fel=cfg.get("share_fel", True),
+      interaction=cfg.get("interaction", "mhsa"),
+      normalize=cfg.get("normalize", True),
+      dropout=cfg.get("dropout", 0.0),
+      learn_temperature=cfg.get("learn_temperature", False),
+      init_temperature=cfg.get("init_temperature", 0.1),
+  )
+
+
+class MVDNN(MVHAN):
+  """MV-DNN (Elkahky et al., WWW'15): a shared user view and one tower per item view (content
+  type), no attention: the MV-HAN module with exclusive embeddings, one FEL per type, interaction 'mlp'
+  and, by default, no FEL blocks (``fel_layers=0``: the concatenated field tokens go straight into the
+  per-type MLP, the original's DNN towers). The user tower keeps MV-HAN's inputs (position-embedded
+  recent behaviours, pooled history, profile) so the comparison isolates attention and sharing.
+  """
+
+  fel_layers: int = 0
+  share_embeddings: bool = False
+  share_fel: bool = False
+  interaction: str = "mlp"
+
+  def setup(self):
+    if self.share_embeddings or self.share_fel or self.interaction != "mlp":
+      raise ValueError("MV-DNN has per-type towers without attention: leave model.share_embeddings, "
+                       "model.share_fel and model.interaction unset (or use model.name='mvhan')")
+    super().setup()
+
+
+def mv_dnn_from_config(cfg, data: InteractionData) -> MVDNN:
+  """MV-DNN from ``config.model`` (the sharing and interaction flags are fixed by the baseline)."""
+  return MVDNN(
+      num_users=data.num_users,
+      num_items=data.num_items,
+      num_types=_num_types(data),
+      user_specs=data.user_specs,
+      item_specs=data.item_specs,
+      dim=cfg.dim,
+      fel_layers=cfg.get("fel_layers", 0),
+      num_heads=cfg.get("num_heads", 2),
+      mrl_hidden=tuple(cfg.get("mrl_hidden", (256,))),
+      num_behaviour_tokens=cfg.get("num_behaviour_tokens", 20),
+      normalize=cfg.get("normalize", True),
+      dropout=cfg.get("dropout", 0.0),
+      learn_temperature=cfg.get("learn_temperature", False),
+      init_temperature=cfg.get("init_temperature", 0.1),
+  )
+
+
+MODELS = {
+    "mvhan": from_config,
+    "mv_dnn": mv_dnn_from_config,
+}

@@ -1,0 +1,302 @@
+"""MV-HAN (Fan et al., ASE'22) and MV-DNN: parameter sharing as the flags say, per-type heads, attention
+masks and behaviour positions, cosine outputs, temperature, config errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.models.mvhan import (MODELS, MVDNN, MVHAN, AttentionBlock, from_config, mv_dnn_from_config,
+                                   recent_behaviours)
+
+T, D, I = 3, 8, 8
+USER_SPECS = (FeatureSpec("age", "categorical", 4),)
+ITEM_SPECS = (FeatureSpec("type", "categorical", T + 1), FeatureSpec("genres", "multi", 5),
+              FeatureSpec("vec", "dense", 2))
+# Items 0, 2, 4, 6 share genres and vec; 0 and 6 are type 1, 2 is type 2, 4 is type 3; 7 has unknown type 0.
+TABLES = {
+    "user": {"age": jnp.array([1, 2, 3])},
+    "item": {
+        "type": jnp.array([1, 1, 2, 2, 3, 3, 1, 0]),
+        "genres": jnp.array([[1, 2], [3, 0], [1, 2], [4, 0], [1, 2], [0, 0], [1, 2], [1, 2]]),
+        "vec": jnp.array([[1.0, 0.5], [0.0, 1.0], [1.0, 0.5], [2.0, 0.0], [1.0, 0.5], [0.5, 0.5],
+                          [1.0, 0.5], [1.0, 0.5]]),
+    },
+}
+# Init batch: all targets of type 1, so per-type parameters must exist without being seen.
+BATCH = {"user": jnp.array([0, 1, 2]),
+         "history": jnp.array([[1, 2, 3, 4, 0], [5, 0, 0, 0, 0], [0, 0, 0, 0, 0]]),
+         "history_len": jnp.array([4, 1, 0]),
+         "target": jnp.array([0, 1, 6])}
+VARIANTS = {
+    "shared": {},
+    "exclusive": dict(share_embeddings=False, share_fel=False),
+    "mlp": dict(interaction="mlp"),
+}
+_CACHE = {}
+# Speed on 2 CPU cores: whole towers are jitted (one compile per variant, reused across batches of one
+# shape), and the shared test parameters are drawn with numpy over the tree that the model's own
+# ``init`` traces (``jax.eval_shape``), since compiling ``init`` costs more than every forward pass.
+# ``test_real_init_creates_every_per_type_copy`` runs the real ``init`` once.
+KEY = jax.random.key(0, impl="unsafe_rbg")  # cheaper to compile than threefry; any key works
+
+
+def _model(cls=MVHAN, **kw):
+  kw = dict(dict(dim=D, fel_layers=1, num_heads=2, mrl_hidden=(16,), num_behaviour_tokens=3), **kw)
+  return cls(num_users=3, num_items=I, num_types=T, user_specs=USER_SPECS, item_specs=ITEM_SPECS, **kw)
+
+
+def _shapes(model):
+  return jax.eval_shape(model.init, KEY, BATCH, TABLES)
+
+
+def _draw(shapes, seed=0):
+  """Parameters for the tree ``shapes``: LayerNorm scales 1, everything else N(0, 0.3^2)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.ones(s.shape) if jax.tree_util.keystr(path).endswith("['scale']")
+      else jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32), shapes)
+
+
+def _init(variant="shared"):
+  """(model, params, forward) for a variant; forward(params, batch) -> (users [B, D], all items [I, D])."""
+  if variant not in _CACHE:
+    model = _model(**VARIANTS[variant])
+    params = _draw(_shapes(model))
+
+    @jax.jit
+    def forward(p, batch):
+      users = model.apply(p, batch, TABLES, method=model.encode_users)
+      return users, model.apply(p, jnp.arange(I), TABLES, method=model.encode_items)
+
+    _CACHE[variant] = model, params, forward
+  return _CACHE[variant]
+
+
+def _leaves(tree):
+  return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def _copy(params):
+  return jax.tree_util.tree_map(lambda x: x, params)
+
+
+def test_parameter_tree_follows_the_sharing_flags():
+  # Two FEL blocks here (the other tests run one, to compile faster); shapes only, no compile.
+  sp = _shapes(_model(fel_layers=2))["params"]
+  ep = _shapes(_model(fel_layers=2, **VARIANTS["exclusive"]))["params"]
+  # One content FEL shared by all types: an unstacked attention kernel [D, H, D/H].
+  assert set(sp["content_fel"]) == {"attention_0", "attention_1", "final_norm"}
+  mha = sp["content_fel"]["attention_0"]["MultiHeadDotProductAttention_0"]
+  assert mha["query"]["kernel"].shape == (D, 2, 4)
+  # One FEL per type: every content-FEL leaf is stacked with a leading axis T; same structure otherwise.
+  assert jax.tree_util.tree_structure(sp["content_fel"]) == jax.tree_util.tree_structure(ep["content_fel"])
+  for (path, a), (_, b) in zip(_leaves(sp["content_fel"]), _leaves(ep["content_fel"])):
+    assert b.shape == (T,) + a.shape, path
+  # Per-type MRL heads in both, created although the init batch held type 1 only.
+  for p in (sp, ep):
+    for path, leaf in _leaves(p["content_heads"]):
+      assert leaf.shape[0] == T, path
+  # Content embedding tables: one set when shared, T sets when exclusive.
+  assert sp["content_embed"]["id_embed"]["embedding"].shape == (I, D)
+  assert ep["content_embed"]["id_embed"]["embedding"].shape == (T, I, D)
+  assert ep["content_embed"]["fields"]["genres_embed"]["embedding"].shape == (T, 5, D)
+  assert sp["position_embed"]["embedding"].shape == (3, D)  # one per behaviour slot
+  assert "type_embed" not in sp["content_embed"]["fields"]  # type selects a head; it is not a token
+  # The user tower is shared across types in every variant (nothing stacked).
+  shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)
+  assert shapes(ep["user_fel"]) == shapes(sp["user_fel"])
+  assert ep["user_mlp"]["Dense_0"]["kernel"].shape == sp["user_mlp"]["Dense_0"]["kernel"].shape
+
+
+def test_real_init_creates_every_per_type_copy():
+  model = _model(**VARIANTS["exclusive"])
+  params = jax.jit(model.init)(KEY, BATCH, TABLES)  # BATCH's targets are all type 1
+  shapes = _shapes(model)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes)
+  # Every per-type copy is its own draw (split init RNG), not one copy broadcast T times.
+  p = params["params"]
+  for tree in (p["content_heads"], p["content_fel"], p["content_embed"]["id_embed"]):
+    for path, leaf in _leaves(tree):
+      if np.ptp(leaf[0]) > 0:  # constant inits (zero biases, unit scales) are equal in every copy
+        assert not np.allclose(leaf[0], leaf[1]) and not np.allclose(leaf[1], leaf[2]), path
+  _, forward = _init("exclusive")[::2]
+  assert np.all(np.isfinite(forward(params, BATCH)[1]))
+
+
+@pytest.mark.parametrize("variant", ["shared", "exclusive"])
+def test_target_type_update_leaves_the_source_head_untouched(variant):
+  model, params, _ = _init(variant)
+
+  @jax.jit
+  @jax.grad
+  def grad(p):  # a softmax over type-2 items only (2, 3), scored against a fixed user vector
+    e = model.apply(p, jnp.array([2, 3, 2]), TABLES, method=model.encode_items)
+    return -jax.nn.log_softmax(e @ jnp.linspace(-1.0, 1.0, D))[0]
+
+  grads = grad(params)
+  g = grads["params"]
+  for path, leaf in _leaves(g["content_heads"]):
+    assert not np.any(leaf[0]), f"type-1 (source) head got a gradient at {path}"
+    assert not np.any(leaf[2]), f"type-3 head got a gradient at {path}"
+    assert np.any(leaf[1]), f"type-2 head got no gradient at {path}"
+  q = g["content_fel"]["attention_0"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+  if variant == "shared":
+    assert np.any(q)  # the shared FEL learns from the target type
+  else:
+    assert not np.any(q[0]) and np.any(q[1])  # only the type-2 FEL does
+
+  tx = optax.sgd(0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  old, new = params["params"], optax.apply_updates(params, updates)["params"]
+  for (path, a), (_, b) in zip(_leaves(old["content_heads"]), _leaves(new["content_heads"])):
+    np.testing.assert_array_equal(a[0], b[0], err_msg=f"source head changed at {path}")
+    assert not np.array_equal(a[1], b[1]), path
+  if variant == "shared":
+    for (path, a), (_, b) in zip(_leaves(old["content_fel"]), _leaves(new["content_fel"])):
+      key = jax.tree_util.keystr(path)
+      if key.endswith("['key']['bias']"):
+        continue  # a key bias shifts all of a query's logits equally: softmax-invariant, zero gradient
+      assert not np.array_equal(a, b), f"shared content FEL unchanged at {key}"
+
+
+def test_recent_behaviours_are_indexed_by_distance_from_the_most_recent():
+  hist = jnp.array([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+  ids, live = recent_behaviours(hist, jnp.array([3, 5, 0]), 4)
+  np.testing.assert_array_equal(live, [[True, True, True, False], [True, True, True, True], [False] * 4])
+  np.testing.assert_array_equal(np.where(live, ids, -1), [[7, 6, 5, -1], [5, 4, 3, 2], [-1] * 4])
+  # K > L: the extra slots are always padding
+  _, live = recent_behaviours(hist[:, :2], jnp.array([2, 2, 1]), 3)
+  np.testing.assert_array_equal(live, [[True, True, False], [True, True, False], [True, False, False]])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padding_is_ignored_and_behaviour_order_matters(variant):
+  _, params, forward = _init(variant)
+  u, _ = forward(params, BATCH)
+  assert np.all(np.isfinite(u))  # includes the user with history_len 0
+  # Padded positions can hold anything (item 0 is a real item, so padding is masked by length).
+  noisy = dict(BATCH, history=jnp.array([[1, 2, 3, 4, 7], [5, 6, 6, 1, 2], [3, 2, 1, 7, 7]]))
+  np.testing.assert_allclose(forward(params, noisy)[0], u, rtol=1e-5, atol=1e-6)
+  # Same items, other order: the pooled token is unchanged, the position-embedded tokens are not.
+  permuted = dict(BATCH, history=jnp.array([[4, 3, 2, 1, 0], [5, 0, 0, 0, 0], [0, 0, 0, 0, 0]]))
+  up, _ = forward(params, permuted)
+  assert not np.allclose(up[0], u[0], atol=1e-4)
+  np.testing.assert_allclose(up[1:], u[1:], rtol=1e-5, atol=1e-6)
+  # A live behaviour matters.
+  longer = dict(BATCH, history_len=jnp.array([4, 1, 1]))
+  assert not np.allclose(forward(params, longer)[0][2], u[2], atol=1e-4)
+
+
+def test_attention_ignores_padded_tokens_even_when_huge():
+  """A padded behaviour with an enormous embedding would dominate any unmasked softmax."""
+  _, params, forward = _init("shared")
+  u, _ = forward(params, BATCH)
+  p = _copy(params)
+  table = p["params"]["content_embed"]["id_embed"]["embedding"]
+  p["params"]["content_embed"]["id_embed"]["embedding"] = table.at[7].set(1e4)
+  noisy = dict(BATCH, history=jnp.array([[1, 2, 3, 4, 7], [5, 7, 7, 7, 7], [7, 7, 7, 7, 7]]))
+  np.testing.assert_allclose(forward(p, noisy)[0], u, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_block_masks_padded_keys_and_queries():
+  """The towers zero padded tokens before the FEL too; this checks the block's own key mask."""
+  block = AttentionBlock(num_heads=2)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, D)), jnp.float32)
+  mask = jnp.array([[True, True, True, False, False], [False] * 5])
+  params = _draw(jax.eval_shape(block.init, KEY, x, mask))
+  apply = jax.jit(block.apply)
+  y = apply(params, x, mask)
+  y2 = apply(params, x.at[:, 3:].set(jnp.asarray(rng.normal(size=(2, 2, D)) * 100, jnp.float32)), mask)
+  np.testing.assert_allclose(y2[0, :3], y[0, :3], rtol=1e-5, atol=1e-6)  # padded keys are not attended
+  np.testing.assert_array_equal(y[0, 3:], 0.0)  # padded queries carry nothing onward
+  np.testing.assert_array_equal(y[1], 0.0)  # a fully masked row: zeros, not NaN
+
+
+def test_mlp_interaction_has_no_attention_parameters():
+  paths = [jax.tree_util.keystr(path) for path, _ in _leaves(_init("mlp")[1])]
+  assert not any("ttention" in path for path in paths)
+  assert any("content_fel']['mlp_0" in path for path in paths)
+  mhsa_paths = [jax.tree_util.keystr(path) for path, _ in _leaves(_init("shared")[1])]
+  assert any("MultiHeadDotProductAttention" in path for path in mhsa_paths)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_outputs_are_unit_norm(variant):
+  _, params, forward = _init(variant)
+  u, e = forward(params, BATCH)
+  assert u.shape == (3, D) and e.shape == (I, D)
+  np.testing.assert_allclose(np.linalg.norm(u, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_item_vector_depends_on_the_type_head():
+  _, params, forward = _init("shared")
+  p = _copy(params)
+  table = p["params"]["content_embed"]["id_embed"]["embedding"]
+  # Items 0, 2, 4, 6, 7 get one id embedding: with their identical fields they differ only in type.
+  p["params"]["content_embed"]["id_embed"]["embedding"] = table.at[jnp.array([2, 4, 6, 7])].set(table[0])
+  e = np.asarray(forward(p, BATCH)[1])
+  np.testing.assert_allclose(e[6], e[0], rtol=1e-6)  # same type (1), same features
+  np.testing.assert_allclose(e[7], e[0], rtol=1e-6)  # unknown type 0 is served by the type-1 head
+  for a, b in [(0, 2), (0, 4), (2, 4)]:
+    assert not np.allclose(e[a], e[b], atol=1e-3), (a, b)  # types 1, 2, 3: different heads
+
+
+def test_dropout_is_random_in_training():
+  model = _model(dropout=0.5, fel_layers=0)  # dropout after the per-type (vmapped) head's hidden layer
+  params = _draw(_shapes(model))
+  run = jax.jit(lambda k: model.apply(params, jnp.arange(I), TABLES, True, method=model.encode_items,
+                                      rngs={"dropout": k}))
+  assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
+
+
+def test_temperature_fixed_or_learned():
+  model, params, _ = _init("shared")
+  assert "log_temperature" not in params["params"]
+  assert float(model.apply(params, method=model.temperature)) == pytest.approx(0.1)
+  learned = _model(learn_temperature=True, init_temperature=0.05)
+  assert _shapes(learned)["params"]["log_temperature"].shape == ()  # __call__ creates it
+  lp = learned.init(KEY, method=learned.temperature)
+  assert float(learned.apply(lp, method=learned.temperature)) == pytest.approx(0.05, rel=1e-5)
+  grad = jax.grad(lambda p: learned.apply(p, method=learned.temperature))(lp)
+  assert float(grad["params"]["log_temperature"]) == pytest.approx(0.05, rel=1e-5)  # d exp(x)/dx
+
+
+def _data(with_type=True):
+  item_features = {k: np.asarray(v) for k, v in TABLES["item"].items() if with_type or k != "type"}
+  return InteractionData(
+      name="tiny", num_users=3, num_items=I,
+      user_features={"age": np.array([1, 2, 3], np.int32)}, item_features=item_features,
+      vocab={"age": 4, "type": T + 1, "genres": 5},
+      user=np.array([0, 1], np.int32), item=np.array([1, 2], np.int32), timestamp=np.array([0, 1]))
+
+
+def _cfg(**kw):
+  return ml_collections.ConfigDict(dict(dict(dim=D, mrl_hidden=(16,), num_behaviour_tokens=3), **kw))
+
+
+def test_from_config_reads_num_types_and_builds_mv_dnn():
+  assert MODELS == {"mvhan": from_config, "mv_dnn": mv_dnn_from_config}
+  model = from_config(_cfg(share_fel=False, interaction="mlp"), _data())
+  assert isinstance(model, MVHAN) and model.num_types == T and not model.share_fel
+  assert model.interaction == "mlp" and model.share_embeddings and model.fel_layers == 2
+  with pytest.raises(ValueError, match="'type'"):
+    from_config(_cfg(), _data(with_type=False))
+  with pytest.raises(ValueError, match="model.num_heads"):
+    _shapes(from_config(_cfg(num_heads=3), _data()))
+  with pytest.raises(ValueError, match="model.interaction"):
+    _shapes(from_config(_cfg(interaction="gru"), _data()))
+  dnn = mv_dnn_from_config(_cfg(), _data())
+  assert isinstance(dnn, MVDNN)
+  params = _shapes(dnn)["params"]
+  assert "content_fel" not in params and "user_fel" not in params  # fel_layers=0: no FEL parameters
+  assert params["content_embed"]["id_embed"]["embedding"].shape == (T, I, D)
+  assert params["content_heads"]["Dense_0"]["kernel"].shape[0] == T
+  assert not any("ttention" in jax.tree_util.keystr(p) for p, _ in _leaves(params))
+  with pytest.raises(ValueError, match="model.share_fel"):
+    _shapes(_model(MVDNN, share_fel=True))
