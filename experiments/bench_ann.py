@@ -1,9 +1,15 @@
 """ANN retrieval benchmark: ScaNN vs exact JAX top-k vs hnswlib / faiss, recall@10 vs queries/s.
 
-Run (full, about 30-40 min on 2 cores):
+Run (defaults: both sources, 3 ScaNN trees, hnswlib M=16/32, faiss; 40+ min on 2 cores):
   python experiments/bench_ann.py
+The recorded 10^6 run (two commands, one JSON; about 20 + 12 min on a loaded 2-core VM):
+  python experiments/bench_ann.py --sources=world --hnsw_m=16,32 --hnsw_ef=40,80,160,320 \
+    --leaf_fracs=0.005,0.01,0.02 --reorders=40,100
+  python experiments/bench_ann.py --sources=gaussian --scann_leaves=2000 --int8=0 \
+    --leaf_fracs=0.02,0.04,0.08,0.16 --reorders=100,250 --hnsw_m=16 --hnsw_ef=80,160,320,640 \
+    --single_thread=0 --faiss=0
 Small run (a couple of minutes):
-  python experiments/bench_ann.py --num_items=100000 --num_queries=5000
+  python experiments/bench_ann.py --num_items=100000 --num_queries=5000 --hnsw_m=16
 
 Two item sources, each --num_items x --dim float32:
   world      the synthetic world's item latents (`make_skeleton` + `generate_item_block`, with
