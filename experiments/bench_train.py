@@ -9,7 +9,6 @@ number is what a training run sees. Prints a table and writes experiments/result
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mvhan_jax import configs  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
@@ -45,11 +45,7 @@ FLAGS = flags.FLAGS
 def load_config(name: str):
   if name not in CONFIGS:
     raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(CONFIGS)}")
-  file, _, arg = CONFIGS[name].partition(":")
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "experiments", "configs", file))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config(arg or None)
+  cfg = configs.load_config(os.path.join(ROOT, "experiments", "configs", CONFIGS[name]))
   cfg.model.dim = 64
   cfg.maxlen = 50
   return cfg

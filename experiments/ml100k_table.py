@@ -9,7 +9,6 @@ items by training frequency (deterministic: one value).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -22,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mvhan_jax import evaluation  # noqa: E402
+from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 
@@ -41,14 +41,6 @@ MODELS = {
     "ComiRec-DR (K=4)": "experiments/configs/mind_ml100k.py:model=comirec_dr",
 }
 
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
 
 
 def popularity(exp) -> dict[str, float]:

@@ -13,7 +13,6 @@ different (a user with more true interests than live capsules cannot be recovere
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mvhan_jax import configs  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import synthetic  # noqa: E402
@@ -47,10 +47,7 @@ METRICS = ("Recall@50", "HR@50", "NDCG@50", "Recall@20", "interests recovered")
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, CONFIG))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configs.load_config(f"{CONFIG}:{arg}")
 
 
 def interest_recovery(exp, params, world) -> float:

@@ -1,7 +1,6 @@
 """Tests for mvhan_jax.evaluation: hand-computed metrics and NumPy brute force."""
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest

@@ -14,6 +14,7 @@ import pytest
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
+from mvhan_jax.configs import load_config
 from mvhan_jax.metrics_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +22,7 @@ CONFIG = os.path.join(ROOT, "experiments", "configs", "two_tower_ml100k.py")
 
 
 def _config(**overrides):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("cfg", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("smoke")
+  cfg = load_config(f"{CONFIG}:smoke")
   for key, value in overrides.items():
     node = cfg
     *path, leaf = key.split(".")

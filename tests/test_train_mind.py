@@ -1,6 +1,5 @@
 """Multi-interest models through the shared trainer, evaluator and ScaNN serving path."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -10,16 +9,13 @@ from mvhan_jax import evaluation
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
+from mvhan_jax.configs import load_config
 from mvhan_jax.metrics_writer import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "experiments/configs/mind_ml100k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return load_config(f"experiments/configs/mind_ml100k.py:{arg}")
 
 
 @pytest.mark.parametrize("model", ["mind", "comirec_sa"])

@@ -1,21 +1,15 @@
 """The same trainer on a synthetic world: it must learn the world's interest structure."""
 
-import importlib.util
-import os
-
 import numpy as np
 
 from mvhan_jax import evaluation
 from mvhan_jax import train
+from mvhan_jax.configs import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_tower_beats_popularity_on_a_synthetic_world(tmp_path):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "experiments/configs/two_tower_synthetic.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("smoke")
+  cfg = load_config("experiments/configs/two_tower_synthetic.py:smoke")
   cfg.index.build = False
   results = train.train_and_evaluate(cfg, str(tmp_path))
 

@@ -14,18 +14,13 @@ Arguments after ':' (comma-separated key=value or flags):
 Expected result: experiments/results/ml100k.md (mean ± std over 3 seeds).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from mvhan_jax.configs import load_config
 
-def _base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "two_tower_ml100k.py")
-  spec = importlib.util.spec_from_file_location("two_tower_ml100k", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(arg: str | None) -> dict[str, str]:
@@ -42,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   unknown = set(args) - {"model", "K", "power", "axis", "smoke"}
   if unknown:
     raise ValueError(f"mind_ml100k.py: unknown config args {sorted(unknown)}; see the module docstring")
-  c = _base().get_config("smoke" if "smoke" in args else None)
+  c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if "smoke" in args else ""))
   name = args.get("model", "mind")
   m = ml_collections.ConfigDict()
   m.name = name

@@ -7,25 +7,20 @@ Launch:
 Arguments: as experiments/configs/mind_ml100k.py (model=, K=, power=, axis=, smoke), plus model=two_tower.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from mvhan_jax.configs import config_module, load_config
 
-def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(name[:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mind = _load("mind_ml100k.py")
+  mind = config_module(os.path.join(_HERE, "mind_ml100k.py"))
   args = mind.parse_args(arg)
   if args.get("model") == "two_tower":
-    c = _load("two_tower_ml100k.py").get_config("smoke" if "smoke" in args else None)
+    c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if "smoke" in args else ""))
   else:
     c = mind.get_config(arg)
   c.dataset = ml_collections.ConfigDict()

@@ -8,23 +8,18 @@ The world's scalar parameters are config fields (``--config.dataset.world.num_it
 types and scenarios keep the generator's defaults (one rich source type, two sparse target types).
 """
 
-import ml_collections
-
-import importlib.util
 import os
 
+import ml_collections
 
-def _base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "two_tower_ml100k.py")
-  spec = importlib.util.spec_from_file_location("two_tower_ml100k", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from mvhan_jax.configs import load_config
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = set((arg or "").split(",")) - {""}
-  c = _base().get_config(",".join(args & {"smoke", "recency"}) or None)
+  c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + ":" + ",".join(args & {"smoke", "recency"}))
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)

@@ -29,8 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mvhan_jax.data.synthetic_config import (KNOWN_ITEM_FIELDS, ContentTypeSpec, ScenarioSpec,
-                                             WorldConfig)
+from mvhan_jax.data.synthetic_config import KNOWN_ITEM_FIELDS, WorldConfig
 from mvhan_jax.data.types import InteractionData
 
 __all__ = ["SyntheticWorld", "WorldSkeleton", "generate_world", "make_skeleton",
