@@ -34,6 +34,8 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/synthetic_multi_interest.md", "Markdown file to write.")
 flags.DEFINE_string("workdir_root", "runs/synthetic_interest", "Where each run's workdir goes.")
 flags.DEFINE_string("extra", "", "Extra config args appended to every model (e.g. 'smoke').")
+flags.DEFINE_list("world", [], "World overrides, e.g. num_items=10000,num_topics=100,zipf_exponent=0.8.")
+flags.DEFINE_integer("num_epochs", 0, "Overrides config.num_epochs when > 0.")
 FLAGS = flags.FLAGS
 
 CONFIG = "experiments/configs/mind_synthetic.py"
@@ -47,7 +49,16 @@ METRICS = ("Recall@50", "HR@50", "NDCG@50", "Recall@20", "interests recovered")
 
 
 def load_config(arg: str):
-  return configs.load_config(f"{CONFIG}:{arg}")
+  cfg = configs.load_config(f"{CONFIG}:{arg}")
+  for item in FLAGS.world:
+    key, _, value = item.partition("=")
+    default = getattr(synthetic.WorldConfig(), key, None)
+    if not isinstance(default, (int, float)):
+      raise ValueError(f"--world: {key!r} is not a numeric field of synthetic.WorldConfig")
+    cfg.dataset.world[key] = type(default)(value)
+  if FLAGS.num_epochs:
+    cfg.num_epochs = FLAGS.num_epochs
+  return cfg
 
 
 def interest_recovery(exp, params, world) -> float:
@@ -101,6 +112,8 @@ def main(argv):
   table = report.mean_std_table(rows, METRICS)
   seeds = ",".join(FLAGS.seeds)
   extra = f" --extra={FLAGS.extra}" if FLAGS.extra else ""
+  extra += f" --world={','.join(FLAGS.world)}" if FLAGS.world else ""
+  extra += f" --num_epochs={FLAGS.num_epochs}" if FLAGS.num_epochs else ""
   cfg = load_config("model=mind")
   text = f"""# Synthetic world, multi-interest users, ComiRec protocol
 

@@ -15,6 +15,9 @@ def mean_std_table(rows: Mapping[str, Sequence[Mapping[str, float]]], metrics: S
     cells = []
     for m in metrics:
       vals = np.array([r[m] for r in runs], np.float64)
+      if np.all(np.isnan(vals)):  # a metric that does not apply to this model
+        cells.append("n/a")
+        continue
       # ddof=1: the spread of the seeds as a sample; one seed has no spread to show.
       cells.append(f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}" if len(vals) > 1 else f"{vals.mean():.4f}")
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
