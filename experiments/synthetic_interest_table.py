@@ -36,6 +36,7 @@ flags.DEFINE_string("workdir_root", "runs/synthetic_interest", "Where each run's
 flags.DEFINE_string("extra", "", "Extra config args appended to every model (e.g. 'smoke').")
 flags.DEFINE_list("world", [], "World overrides, e.g. num_items=10000,num_topics=100,zipf_exponent=0.8.")
 flags.DEFINE_integer("num_epochs", 0, "Overrides config.num_epochs when > 0.")
+flags.DEFINE_integer("dim", 0, "Overrides config.model.dim (embedding width) when > 0.")
 FLAGS = flags.FLAGS
 
 CONFIG = "experiments/configs/mind_synthetic.py"
@@ -58,6 +59,8 @@ def load_config(arg: str):
     cfg.dataset.world[key] = type(default)(value)
   if FLAGS.num_epochs:
     cfg.num_epochs = FLAGS.num_epochs
+  if FLAGS.dim:
+    cfg.model.dim = FLAGS.dim
   return cfg
 
 
@@ -114,6 +117,7 @@ def main(argv):
   extra = f" --extra={FLAGS.extra}" if FLAGS.extra else ""
   extra += f" --world={','.join(FLAGS.world)}" if FLAGS.world else ""
   extra += f" --num_epochs={FLAGS.num_epochs}" if FLAGS.num_epochs else ""
+  extra += f" --dim={FLAGS.dim}" if FLAGS.dim else ""
   cfg = load_config("model=mind")
   text = f"""# Synthetic world, multi-interest users, ComiRec protocol
 
