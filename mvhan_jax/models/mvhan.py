@@ -360,26 +360,33 @@ def _num_types(data: InteractionData) -> int:
   return spec.size - 1
 
 
-def from_config(cfg, data: InteractionData) -> MVHAN:
-  """MV-HAN from ``config.model``; ``num_types`` = vocab['type'] - 1."""
-  return MVHAN(
+def _common_kwargs(cfg, data: InteractionData, fel_layers_default: int) -> dict:
+  """The constructor arguments MV-HAN and MV-DNN read the same way from ``config.model``."""
+  return dict(
       num_users=data.num_users,
       num_items=data.num_items,
       num_types=_num_types(data),
       user_specs=data.user_specs,
       item_specs=data.item_specs,
       dim=cfg.dim,
-      fel_layers=cfg.get("fel_layers", 2),
+      fel_layers=cfg.get("fel_layers", fel_layers_default),
       num_heads=cfg.get("num_heads", 2),
       mrl_hidden=tuple(cfg.get("mrl_hidden", (256,))),
       num_behaviour_tokens=cfg.get("num_behaviour_tokens", 20),
-      share_embeddings=cfg.get("share_embeddings", True),
-      share_fel=cfg.get("share_fel", True),
-      interaction=cfg.get("interaction", "mhsa"),
       normalize=cfg.get("normalize", True),
       dropout=cfg.get("dropout", 0.0),
       learn_temperature=cfg.get("learn_temperature", False),
       init_temperature=cfg.get("init_temperature", 0.1),
+  )
+
+
+def from_config(cfg, data: InteractionData) -> MVHAN:
+  """MV-HAN from ``config.model``; ``num_types`` = vocab['type'] - 1."""
+  return MVHAN(
+      **_common_kwargs(cfg, data, fel_layers_default=2),
+      share_embeddings=cfg.get("share_embeddings", True),
+      share_fel=cfg.get("share_fel", True),
+      interaction=cfg.get("interaction", "mhsa"),
   )
 
 
@@ -405,22 +412,7 @@ class MVDNN(MVHAN):
 
 def mv_dnn_from_config(cfg, data: InteractionData) -> MVDNN:
   """MV-DNN from ``config.model`` (the sharing and interaction flags are fixed by the baseline)."""
-  return MVDNN(
-      num_users=data.num_users,
-      num_items=data.num_items,
-      num_types=_num_types(data),
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
-      dim=cfg.dim,
-      fel_layers=cfg.get("fel_layers", 0),
-      num_heads=cfg.get("num_heads", 2),
-      mrl_hidden=tuple(cfg.get("mrl_hidden", (256,))),
-      num_behaviour_tokens=cfg.get("num_behaviour_tokens", 20),
-      normalize=cfg.get("normalize", True),
-      dropout=cfg.get("dropout", 0.0),
-      learn_temperature=cfg.get("learn_temperature", False),
-      init_temperature=cfg.get("init_temperature", 0.1),
-  )
+  return MVDNN(**_common_kwargs(cfg, data, fel_layers_default=0))
 
 
 MODELS = {
