@@ -490,7 +490,7 @@ def main():
   if args.recall_queries > args.num_queries:
     args.recall_queries = args.num_queries
 
-  results = dict(command=" ".join([sys.executable] + sys.argv), machine=machine_info(args.threads),
+  results = dict(command=" ".join(["python"] + sys.argv), machine=machine_info(args.threads),
                  args={k: v for k, v in vars(args).items()}, started=time.strftime("%F %T"),
                  load_start=os.getloadavg(), sources=[])
   for src in args.sources.split(","):
