@@ -90,10 +90,7 @@ score). Training speed per model: experiments/results/bench/.
 Reference points on this exact protocol (from the project's issue tracker, not produced here): a
 matrix-factorization BPR peer reaches HR@10 0.081 / HR@50 0.302; GRU4Rec 0.108 HR@10.
 """
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    f.write(text)
-  print(text)
+  report.write_markdown(FLAGS.out, text)
 
 
 if __name__ == "__main__":

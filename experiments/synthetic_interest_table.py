@@ -139,10 +139,7 @@ python experiments/synthetic_interest_table.py --seeds={seeds}{extra} --out={FLA
 Machine: {report.machine_description()}. Wall time per run:
 {"; ".join(f"{n}: {np.mean(t):.0f} s" for n, t in timing.items())}.
 """
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    f.write(text)
-  print(text)
+  report.write_markdown(FLAGS.out, text)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,7 @@ def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, floa
     raise ValueError(f"--user={user} is not an evaluated user: use 0..{exp.data.num_users - 1} with >= 3 interactions")
   row = int(rows[0])
   seen = set(test.exclude_indices[test.exclude_indptr[row]:test.exclude_indptr[row + 1]].tolist())
-  sub = type(test)(**{f: getattr(test, f)[row:row + 1] if f not in ("exclude_indptr", "exclude_indices") else getattr(test, f)
-                      for f in test.__dataclass_fields__})
-  vec, mask = train.encode_users(exp, params, sub)
+  vec, mask = train.encode_users(exp, params, test, rows=[row])
   ids, scores = index.search(vec, min(top_n + len(seen), exp.data.num_items), query_mask=mask)
   out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in seen]
   return out[:top_n]

@@ -24,6 +24,15 @@ def mean_std_table(rows: Mapping[str, Sequence[Mapping[str, float]]], metrics: S
   return "\n".join(lines)
 
 
+def write_markdown(path: str, text: str) -> None:
+  """Writes a results file (creating its folder) and echoes it, as every table script does."""
+  import os  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  print(text)
+
+
 def machine_description() -> str:
   import os  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel

@@ -207,18 +207,19 @@ def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
   return np.concatenate(out)
 
 
-def encode_users(exp: Experiment, params, eval_set, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
-  """User vectors for every row of an EvalSet.
+def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
+  """User vectors for the rows of an EvalSet (all rows, or the int array ``rows``).
 
   Returns (vectors, mask): [Q, D] and None for single-vector models; [Q, K, D] and the live-interest
   mask [Q, K] for multi-interest models.
   """
   enc, _ = _jitted_encoders(exp.model)
-  q = len(eval_set.user)
+  rows = np.arange(len(eval_set.user)) if rows is None else np.asarray(rows)
+  q = len(rows)
   size = min(chunk, q)
   vecs, masks = [], []
   for s, e in _chunks(q, size):
-    idx = np.arange(s, s + size) % q
+    idx = rows[np.arange(s, s + size) % q]
     batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
     v, m = enc(params, batch, exp.tables)
     vecs.append(np.asarray(v)[: e - s])

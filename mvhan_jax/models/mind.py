@@ -229,16 +229,23 @@ def _power(cfg, default):
   return p if p == "hard" else float(p)
 
 
-def mind_from_config(cfg, data: InteractionData) -> MIND:
-  return MIND(
+def _common_kwargs(cfg, data: InteractionData, power, normalize: bool, item_fields: bool) -> dict:
+  """Arguments every multi-interest model reads the same way; defaults differ per paper."""
+  return dict(
       num_items=data.num_items,
       user_specs=data.user_specs,
       item_specs=data.item_specs,
       dim=cfg.dim,
       num_interests=cfg.get("num_interests", 4),
-      label_power=_power(cfg, 1.0),
-      normalize=cfg.get("normalize", True),
-      item_fields=cfg.get("item_fields", True),
+      label_power=_power(cfg, power),
+      normalize=cfg.get("normalize", normalize),
+      item_fields=cfg.get("item_fields", item_fields),
+  )
+
+
+def mind_from_config(cfg, data: InteractionData) -> MIND:
+  return MIND(
+      **_common_kwargs(cfg, data, power=1.0, normalize=True, item_fields=True),
       hidden=tuple(cfg.get("hidden", (256,))),
       routing_iterations=cfg.get("routing_iterations", 3),
       routing_sigma=cfg.get("routing_sigma", 1.0),
@@ -249,17 +256,7 @@ def mind_from_config(cfg, data: InteractionData) -> MIND:
 
 
 def _comirec_kwargs(cfg, data: InteractionData) -> dict:
-  return dict(
-      num_items=data.num_items,
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
-      dim=cfg.dim,
-      num_interests=cfg.get("num_interests", 4),
-      label_power=_power(cfg, "hard"),
-      normalize=cfg.get("normalize", False),
-      item_fields=cfg.get("item_fields", False),
-      maxlen=cfg.maxlen,
-  )
+  return dict(**_common_kwargs(cfg, data, power="hard", normalize=False, item_fields=False), maxlen=cfg.maxlen)
 
 
 def comirec_dr_from_config(cfg, data: InteractionData) -> ComiRecDR:
