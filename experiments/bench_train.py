@@ -34,6 +34,8 @@ CONFIGS = {
     "mind_1": "mind_ml100k.py:model=mind,K=1",
     "comirec_dr": "mind_ml100k.py:model=comirec_dr",
     "comirec_sa": "mind_ml100k.py:model=comirec_sa",
+    "mvhan": "mvhan_ml100k.py",
+    "mv_dnn": "mvhan_ml100k.py:model=mv_dnn",
 }
 flags.DEFINE_list("models", list(CONFIGS), f"Models to time: {sorted(CONFIGS)}.")
 flags.DEFINE_list("batch_sizes", ["128", "1024"], "Batch sizes.")

@@ -39,6 +39,7 @@ MODELS = {
     "MIND-1": "experiments/configs/mind_ml100k.py:model=mind,K=1",
     "ComiRec-SA (K=4)": "experiments/configs/mind_ml100k.py:model=comirec_sa",
     "ComiRec-DR (K=4)": "experiments/configs/mind_ml100k.py:model=comirec_dr",
+    "MV-HAN (genre-family content types)": "experiments/configs/mvhan_ml100k.py",
 }
 
 

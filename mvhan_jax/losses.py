@@ -148,3 +148,38 @@ def in_batch_softmax_loss(
   logits = jnp.where(same & ~jnp.eye(b, dtype=bool), _NEG_INF, logits)
   loss = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
   return loss, logits
+
+
+def sampled_softmax_loss_from_scores(
+    pos_score: jax.Array,
+    neg_score: jax.Array,
+    pos_ids: jax.Array,
+    neg_ids: jax.Array,
+    pos_log_q: jax.Array | None = None,
+    neg_log_q: jax.Array | None = None,
+    temperature: float = 1.0,
+    remove_accidental_hits: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """`sampled_softmax_loss` for scores computed by the model (e.g. max over a user's interests).
+
+  logit(u, i) = s(u, i) / temperature - log Q(i), accidental hits masked, as `sampled_softmax_loss`
+  does with s(u, i) = <q_u, e_i>.
+
+  Args:
+    pos_score: [B] s(u, positive of u).
+    neg_score: [B, S] s(u, shared negative j).
+    pos_ids, neg_ids, pos_log_q, neg_log_q, temperature, remove_accidental_hits: as in
+      `sampled_softmax_loss`.
+  Returns:
+    (loss [B], logits [B, 1 + S]) where column 0 is the positive.
+  """
+  pos_logit = pos_score / temperature
+  neg_logit = neg_score / temperature
+  if pos_log_q is not None:
+    pos_logit = pos_logit - pos_log_q
+    neg_logit = neg_logit - neg_log_q[None, :]
+  if remove_accidental_hits:
+    neg_logit = jnp.where(pos_ids[:, None] == neg_ids[None, :], _NEG_INF, neg_logit)
+  logits = jnp.concatenate([pos_logit[:, None], neg_logit], axis=1)
+  loss = jax.nn.logsumexp(logits, axis=1) - pos_logit
+  return loss, logits

@@ -3,16 +3,20 @@ r"""The one command-line entry point: train, evaluate, index and recommend.
   mvhan-train --config=experiments/configs/two_tower_ml100k.py --workdir=runs/tt --mode=train
   mvhan-train --config=...:smoke --config.optimizer.lr=3e-3 --workdir=runs/tt --mode=eval
   mvhan-train --config=... --workdir=runs/tt --mode=recommend --user=42 --top_n=10
+  mvhan-train --config=... --workdir=runs/tt --mode=plots --compare=runs/other,runs/third
 
 --mode=train trains (resuming if the workdir has a checkpoint), evaluates the best-by-validation
 parameters on the test users, builds and saves the ANN index, prints the results table and three
-example recommendations.
+example recommendations and, with --plots (default), writes the evaluation figures as PNG into
+<workdir>/plots/ (--mode=plots writes only those: HR@K curves, training curves, per-type results,
+ANN recall against exact, a 2-D map of user and item vectors; see mvhan_jax/report.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import app
 from absl import flags
@@ -24,20 +28,34 @@ from mvhan_jax import report
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, index and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "index", "recommend"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "index", "recommend", "plots"], "What to run.")
 flags.DEFINE_string("data_dir", None, "Dataset cache directory (default: $MVHAN_DATA_DIR or ~/.cache/mvhan_jax).")
 flags.DEFINE_integer("user", None, "Dense user index for --mode=recommend (MovieLens: raw user id - 1).")
 flags.DEFINE_integer("top_n", 10, "Recommendations to print.")
 flags.DEFINE_integer("examples", 3, "Example users to print after --mode=train.")
+flags.DEFINE_bool("plots", True, "--mode=train: also write the evaluation figures into <workdir>/plots/.")
+flags.DEFINE_list("compare", [], "--mode=plots: more workdirs drawn beside --workdir (HR@K, training, per type).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs off TPU/SLURM/Kubernetes: host:port of process 0 "
+                    "(or $MVHAN_COORDINATOR_ADDRESS); see mvhan_jax/distributed.py.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes (or $MVHAN_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (or $MVHAN_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
 
 
 def format_table(results: dict, model_name: str) -> str:
-  """The run's table: one row per split (validation, test), the metric names as columns."""
-  return report.mean_std_table({f"{model_name} ({split})": [results[split]] for split in ("valid", "test")},
-                               list(results["test"]))
+  """The run's table: one row per split (validation, test), the metric names as columns; with
+  content types, a second table of the per-type metrics (ranking restricted to the type)."""
+  rows = {f"{model_name} ({split})": [results[split]] for split in ("valid", "test")}
+  test = results["test"]
+  table = report.mean_std_table(rows, [k for k in test if "/" not in k])
+  types = [k[: -len("/queries")] for k in test if k.endswith("/queries")]
+  if types:
+    table += "\n\nPer content type (test users whose held-out item has the type, ranked within it):\n\n"
+    table += report.mean_std_table({t: [{m: test[f"{t}/{m}"] for m in ("queries", "HR@10", "HR@50", "AUC")}]
+                                    for t in types}, ["queries", "HR@10", "HR@50", "AUC"])
+  return table
 
 
 def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, float]]:
@@ -68,8 +86,19 @@ def print_recommendations(exp, index, params, users, top_n) -> None:
       print(f"  {rank:2d}. {titles[item]}  ({score:.3f}){mark}")
 
 
+def write_plots(workdir: str, loaded, compare=()) -> list[str]:
+  """The evaluation figures of ``workdir`` (and of the ``compare`` workdirs) as PNG in <workdir>/plots."""
+  t0 = time.perf_counter()
+  runs = [report.collect_run(workdir, loaded=loaded)] + [report.collect_run(w) for w in compare]
+  paths = report.save_figures(workdir, runs)
+  print(f"\n{len(paths)} figures written to {os.path.join(workdir, 'plots')} in {time.perf_counter() - t0:.1f} s")
+  return paths
+
+
 def main(argv):
   del argv
+  from mvhan_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from mvhan_jax import retrieval  # pylint: disable=import-outside-toplevel
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
@@ -79,6 +108,11 @@ def main(argv):
   workdir = FLAGS.workdir
   if FLAGS.mode == "train":
     results = train.train_and_evaluate(config, workdir)
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:  # the other modes are single-host reads of the workdir
+      if jax.process_index() == 0:
+        print(format_table(results, config.model.name))
+      return
   exp = train.build_experiment(config)
   params, step = train.restore_params(workdir, exp, "best")
   if FLAGS.mode == "eval":
@@ -94,6 +128,10 @@ def main(argv):
       print(f"\nANN index ({results['index']['backend']}) saved to {os.path.join(workdir, 'index')}: "
             f"recall@10 / @50 vs exact = {results['index']['ann_recall@10']:.4f} / {results['index']['ann_recall@50']:.4f}")
   if FLAGS.mode == "eval":
+    return
+  if FLAGS.mode == "plots" or (FLAGS.mode == "train" and FLAGS.plots):
+    write_plots(workdir, (config, exp, params, step), FLAGS.compare if FLAGS.mode == "plots" else ())
+  if FLAGS.mode == "plots":
     return
   index = retrieval.load_index(os.path.join(workdir, "index"))
   if FLAGS.mode == "recommend":

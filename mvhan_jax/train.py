@@ -30,6 +30,7 @@ from mvhan_jax import evaluation
 from mvhan_jax import losses
 from mvhan_jax import models
 from mvhan_jax import retrieval
+from mvhan_jax import sharding
 from mvhan_jax.data import pipeline
 from mvhan_jax.data import protocol
 from mvhan_jax.data import registry
@@ -50,6 +51,14 @@ class Experiment:
   model: Any
   tables: dict[str, dict[str, jax.Array]]
   sampler: losses.Sampler
+  # Content types (MV-HAN; None for an untyped dataset): item_type int32 [I] in 1..T, their names.
+  item_type: np.ndarray | None = None
+  type_names: tuple[str, ...] | None = None
+  # Single-type training (config.type_schedule non-empty): examples grouped by their target's type,
+  # and one negative sampler per type (config.loss.negatives_per_type).
+  examples_by_type: dict[int, Any] | None = None
+  type_samplers: dict[int, losses.Sampler] | None = None
+  evaluators: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def build_experiment(config) -> Experiment:
@@ -72,7 +81,61 @@ def build_experiment(config) -> Experiment:
       "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
   }
-  return Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
+  exp = Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
+  _setup_content_types(exp, counts)
+  return exp
+
+
+def _setup_content_types(exp: Experiment, counts: np.ndarray) -> None:
+  """MV-HAN's multi-type training: single-type batches on a schedule, negatives of the target's type.
+
+  ``config.type_schedule``: the content types of the steps of one cycle, e.g. (1, 2, 1, 3) = source,
+  target, source, target (empty: ordinary batches over all examples). ``config.loss.negatives_per_type``:
+  draw a batch's negatives among the items of its type only (needs a schedule, since a batch must
+  have one type). ``config.eval_per_type``: evaluate with `multitype.TypedEvaluator` (per-type metrics,
+  ranking restricted to the target's type, AUC) besides the pooled ones.
+  """
+  from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+  config, data = exp.config, exp.data
+  schedule = tuple(config.get("type_schedule", ()) or ())
+  per_type_neg = bool(config.loss.get("negatives_per_type", False))
+  per_type_eval = bool(config.get("eval_per_type", False))
+  if not (schedule or per_type_neg or per_type_eval):
+    return
+  if "type" not in data.item_features:
+    raise ValueError(f"config.type_schedule / loss.negatives_per_type / eval_per_type need content types, "
+                     f"but dataset {data.name!r} has no item feature 'type': set "
+                     "config.dataset.content_types='genre_family' (MovieLens) or use the synthetic world")
+  if per_type_neg and not schedule:
+    raise ValueError("config.loss.negatives_per_type=True needs single-type batches: set "
+                     "config.type_schedule, e.g. (1, 2, 1, 3)")
+  exp.item_type = np.asarray(data.item_features["type"], np.int32)
+  exp.type_names = registry.content_type_names(config, data)
+  if schedule:
+    examples = getattr(exp.train_source, "arrays", None)
+    if examples is None:
+      raise ValueError("config.type_schedule needs an in-memory training source (pipeline.ArraySource)")
+    exp.examples_by_type = multitype.split_examples_by_type(examples, exp.item_type)
+  if per_type_neg:
+    exp.type_samplers = multitype.type_samplers(counts, exp.item_type, config.loss.sampler,
+                                                config.loss.get("alpha", 0.75))
+
+
+def train_dataset(exp: Experiment, batch_size: int, seed: int):
+  """The random-access training batches: ``ds[i]`` is the batch of step ``i`` (a pure function of
+  (seed, i)). Single-type batches carry ``content_type`` int32 [B] (all equal)."""
+  if exp.examples_by_type is not None:
+    from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+    return multitype.typed_train_batches(exp.examples_by_type, batch_size, seed,
+                                         tuple(exp.config.type_schedule), type_key="content_type")
+  return pipeline.train_batches(exp.train_source, batch_size, seed=seed)
+
+
+def num_train_examples(exp: Experiment) -> int:
+  """Examples per epoch: those of the scheduled types under single-type training, else all."""
+  if exp.examples_by_type is not None:
+    return sum(len(exp.examples_by_type[t]) for t in set(exp.config.type_schedule))
+  return len(exp.train_source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,15 +168,27 @@ def example_batch(source, batch_size: int) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def init_state(exp: Experiment, tx, rng) -> TrainState:
-  batch = example_batch(exp.train_source, 2)
-
-  @jax.jit
+def _state_init_fn(exp: Experiment, tx) -> Callable:
   def _init(rng, batch):
     params = exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return _init
 
-  return _init(rng, batch)
+
+def init_state(exp: Experiment, tx, rng, mesh=None) -> TrainState:
+  """Parameters and optimizer state created inside ``jit`` with their shardings on ``mesh`` (default:
+  from ``config.mesh``): a row-sharded table is never whole on one device (mvhan_jax/sharding.py)."""
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  state, _ = sharding.init_sharded(_state_init_fn(exp, tx), mesh, sharding.mesh_config(exp.config), rng,
+                                   example_batch(exp.train_source, 2))
+  return state
+
+
+def abstract_state(exp: Experiment, tx, mesh=None) -> TrainState:
+  """`init_state`'s shapes, dtypes and shardings without computing it (a checkpoint restore target)."""
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  shapes = jax.eval_shape(_state_init_fn(exp, tx), jax.random.key(0), example_batch(exp.train_source, 2))
+  return sharding.abstract_with_shardings(shapes, sharding.tree_shardings(shapes, mesh, sharding.mesh_config(exp.config)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,16 +197,30 @@ def init_state(exp: Experiment, tx, rng) -> TrainState:
 def make_train_step(exp: Experiment, tx) -> Callable:
   model, cfg = exp.model, exp.config.loss
   num_neg = cfg.num_negatives
-  cdf = jnp.asarray(exp.sampler.cdf)
-  log_q = jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1)))
+  if exp.type_samplers is not None:
+    # One proposal per content type, stacked [T, I]; a batch (one type) picks its row.
+    types = sorted(exp.type_samplers)
+    cdfs = jnp.asarray(np.stack([exp.type_samplers[t].cdf for t in types]))
+    log_qs = jnp.asarray(np.stack([exp.type_samplers[t].log_probs for t in types])) + jnp.log(float(max(num_neg, 1)))
+  else:
+    cdfs = jnp.asarray(exp.sampler.cdf)[None]
+    log_qs = (jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1))))[None]
 
   multi = getattr(model, "multi_interest", False)
+  learned_temperature = getattr(model, "learn_temperature", False)
+  # Multi-interest models may train with their serving score (train = serve, models/multitower.py)
+  # and add a regulariser on the interests (aux_loss, e.g. the repel term).
+  train_equals_serve = multi and hasattr(model, "score_candidates") and getattr(model, "train_equals_serve", False)
+  has_aux_loss = multi and hasattr(model, "aux_loss")
 
   def loss_fn(params, batch, tables, rng):
     rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
     rngs = {"dropout": rng_drop, "routing": rng_route}
     pos_ids = batch["target"]
     b = pos_ids.shape[0]
+    row = batch["content_type"][0] - 1 if exp.type_samplers is not None else 0
+    cdf, log_q = cdfs[row], log_qs[row]
+    temperature = model.apply(params, method=model.temperature) if learned_temperature else cfg.temperature
     if cfg.kind == "sampled_softmax":
       neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
       items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
@@ -141,23 +230,42 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     else:
       raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
     users = model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs)
+    serve_scores = None
     if multi:
-      # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
       interests, mask = users
-      users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
-    if cfg.kind == "sampled_softmax":
+      if train_equals_serve and cfg.kind == "sampled_softmax":
+        # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
+        scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
+        serve_scores = (jnp.diagonal(scores[:, :b]), scores[:, b:])
+      else:
+        # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
+        users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
+    if serve_scores is not None:
+      loss, logits = losses.sampled_softmax_loss_from_scores(
+          *serve_scores, pos_ids, neg_ids,
+          pos_log_q=log_q[pos_ids] if cfg.logq else None,
+          neg_log_q=log_q[neg_ids] if cfg.logq else None,
+          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+      correct = jnp.argmax(logits, axis=1) == 0
+    elif cfg.kind == "sampled_softmax":
       loss, logits = losses.sampled_softmax_loss(
           users, pos, neg, pos_ids, neg_ids,
           pos_log_q=log_q[pos_ids] if cfg.logq else None,
           neg_log_q=log_q[neg_ids] if cfg.logq else None,
-          temperature=cfg.temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
       correct = jnp.argmax(logits, axis=1) == 0
     else:
       loss, logits = losses.in_batch_softmax_loss(
-          users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=cfg.temperature)
+          users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=temperature)
       correct = jnp.argmax(logits, axis=1) == jnp.arange(b)
     # Fraction of rows whose positive outscores every negative: a cheap, loss-independent signal.
-    return loss.mean(), {"loss": loss.mean(), "batch_acc": jnp.mean(correct)}
+    aux = {"loss": loss.mean(), "batch_acc": jnp.mean(correct)}
+    if learned_temperature:
+      aux["temperature"] = temperature
+    if has_aux_loss:
+      aux["aux_loss"] = model.apply(params, interests, mask, method=model.aux_loss, rngs=rngs)
+      return loss.mean() + aux["aux_loss"], aux
+    return loss.mean(), aux
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, batch, tables, key):
@@ -198,6 +306,7 @@ def _jitted_encoders(model):
 def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
   """All item vectors [I, D]; the last chunk is padded so every call has the same shape."""
   _, enc = _jitted_encoders(exp.model)
+  params = sharding.host_local(params)
   n = exp.data.num_items
   size = min(chunk, n)
   out = []
@@ -214,6 +323,7 @@ def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096
   mask [Q, K] for multi-interest models.
   """
   enc, _ = _jitted_encoders(exp.model)
+  params = sharding.host_local(params)
   rows = np.arange(len(eval_set.user)) if rows is None else np.asarray(rows)
   q = len(rows)
   size = min(chunk, q)
@@ -228,10 +338,29 @@ def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096
   return (vecs, np.concatenate(masks)) if vecs.ndim == 3 else (vecs, None)
 
 
+def _evaluator(exp: Experiment, split: str):
+  if split not in exp.evaluators:
+    if exp.config.get("eval_per_type", False):
+      from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+      ties = "pessimistic" if getattr(exp.model, "multi_interest", False) else "half"
+      exp.evaluators[split] = multitype.TypedEvaluator(exp.eval_sets[split], exp.item_type,
+                                                       type_names=exp.type_names, auc_ties=ties)
+    else:
+      exp.evaluators[split] = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
+  return exp.evaluators[split]
+
+
 def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
-  evaluator = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
+  """Metrics of ``split`` ('valid' / 'test'). With ``config.eval_per_type``, also per content type
+  ('{type}/HR@50', '{type}/AUC', ... restricted to the type) and 'targets/<metric>', the mean over
+  the target types 2..T (the paper's sparse types) of each per-type metric."""
   users, mask = encode_users(exp, params, exp.eval_sets[split])
-  return evaluator.evaluate(users, encode_items(exp, params), user_mask=mask)
+  out = _evaluator(exp, split).evaluate(users, encode_items(exp, params), user_mask=mask)
+  if exp.config.get("eval_per_type", False) and len(exp.type_names) > 1:
+    for metric in ("HR@10", "NDCG@10", "HR@50", "AUC"):
+      vals = [out.get(f"{name}/{metric}", np.nan) for name in exp.type_names[1:]]
+      out[f"targets/{metric}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+  return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,10 +385,10 @@ def restore_params(workdir: str, exp: Experiment, which: str = "best") -> tuple[
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
   tx = make_optimizer(exp.config.optimizer, 1)
-  template = jax.eval_shape(lambda: init_state(exp, tx, jax.random.key(0)))
+  template = abstract_state(exp, tx)
   target = template.params if which == "best" else template
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   state = restored["state"]
   return (state if which == "best" else state.params), step
 
@@ -276,18 +405,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   exp = build_experiment(config)
-  steps_per_epoch = len(exp.train_source) // config.batch_size
+  steps_per_epoch = num_train_examples(exp) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(exp.train_source)} training examples: lower it")
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples(exp)} training examples: lower it")
   total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
   logging.info("%s: %d training examples, %d steps/epoch, %d steps", config.dataset.name,
-               len(exp.train_source), steps_per_epoch, total_steps)
+               num_train_examples(exp), steps_per_epoch, total_steps)
 
   tx = make_optimizer(config.optimizer, total_steps)
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
-  state = init_state(exp, tx, init_key)
-  train_step = make_train_step(exp, tx)
+  # Set up mesh: state sharded by config.mesh, the batch split over 'data', tables replicated.
+  mesh = sharding.mesh_from_config(config)
+  data_sharding = sharding.batch_sharding(mesh, config.batch_size)
+  state = init_state(exp, tx, init_key, mesh)
+  train_step = sharding.pin_shardings(make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, state))
+  train_tables, step_key = sharding.put_replicated((exp.tables, step_key), mesh)
 
   # Load checkpoint: the latest one, with the early-stopping state that belongs to it.
   latest = _manager(os.path.join(workdir, "checkpoints"), 2)
@@ -308,7 +441,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
   select = config.select_metric
-  dataset = pipeline.train_batches(exp.train_source, config.batch_size, seed=config.seed)
+  dataset = train_dataset(exp, config.batch_size, config.seed)
   batches = pipeline.iterate(dataset, start_step=start_step, prefetch=config.get("prefetch", 2))
   fail_at = config.get("fail_at_step", -1)  # fault injection for the resume test: dies like a kill -9
   train_time, train_examples_seen, t_last = 0.0, 0, time.perf_counter()
@@ -317,8 +450,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
              dynamic_ncols=True, mininterval=1.0)
   step = start_step
   while step < total_steps and not meta["stopped_early"]:
-    batch = next(batches)
-    state, metrics = train_step(state, batch, exp.tables, step_key)
+    batch = sharding.global_batch(next(batches), data_sharding)
+    state, metrics = train_step(state, batch, train_tables, step_key)
     step += 1
     bar.update(1)
     if step % config.log_every_steps == 0 or step == total_steps:
@@ -348,7 +481,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           meta["stopped_early"] = True
           logging.info("early stop at step %d: best valid %s %.4f at step %d", step, select,
                        meta["best_metric"], meta["best_step"])
-      bar.write(f"step {step}: valid " + "  ".join(f"{k} {v:.4f}" for k, v in valid.items()))
+      shown = {k: v for k, v in valid.items() if "/" not in k or k.startswith("targets/")}  # per-type: metrics.jsonl
+      bar.write(f"step {step}: valid " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     if is_eval or step % config.checkpoint_every_steps == 0:
       save(step, latest, state)
     if step == fail_at:
@@ -362,11 +496,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # Final evaluation with the best-by-validation parameters, and the serving index.
   params, best_step = restore_params(workdir, exp, "best")
+  params = sharding.host_local(params)
   results = {"valid": evaluate(exp, params, "valid"), "test": evaluate(exp, params, "test"), "best_step": best_step,
              "final_step": step, "stopped_early": bool(meta["stopped_early"]),
              "train_examples_per_sec": train_examples_seen / train_time if train_time else None}
   writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
-  if config.index.build:
+  if config.index.build and is_main:
     results["index"] = build_and_save_index(exp, params, best_step, workdir)
   if is_main:
     with open(os.path.join(workdir, "results.json"), "w") as f:

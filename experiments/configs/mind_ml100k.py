@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   power = args.get("power", "hard")
   m.label_power = power if power == "hard" else float(power)
   c.model = m
+  # The sampler: log-uniform over frequency-ranked ids (TF's LogUniformCandidateSampler), logQ.
+  c.loss.sampler = "log_uniform"
   if name in ("comirec_dr",):
     c.optimizer.lr = 5e-3 if "smoke" not in args else c.optimizer.lr  # ComiRec's DR setting
   return c

@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if "smoke" in args else ""))
   else:
     c = mind.get_config(arg)
+  c.loss.sampler = "log_uniform"  # every row of the synthetic tables uses the same sampler
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)

@@ -67,6 +67,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.index.build = True
   c.index.backend = "scann"
 
+  # Scale-out (mvhan_jax/sharding.py): mesh shape, and which tables are split by rows over which axes.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                  # -1: every device not used by 'model'
+  c.mesh.model = 1
+  c.mesh.table_axes = ("model",)    # or ("data", "model"): rows over every device
+  c.mesh.shard_tables = r"_embed/embedding$"
+  c.mesh.min_rows = 65536           # smaller tables stay replicated
+
   if "recency" in args:
     c.model.pooling = "recency"
   if "smoke" in args:

@@ -6,12 +6,14 @@ from typing import Callable
 
 from mvhan_jax.models import mind
 from mvhan_jax.models import mvhan
+from mvhan_jax.models import multitower
 from mvhan_jax.models import two_tower
 
 MODELS: dict[str, Callable] = {
     "two_tower": two_tower.from_config,
     **mind.MODELS,
     **mvhan.MODELS,
+    **multitower.MODELS,
 }
 
 

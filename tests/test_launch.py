@@ -1,0 +1,109 @@
+"""Launch scripts (shellcheck + dry runs) and the jax.distributed.initialize decision."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mvhan_jax import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SHELL_SCRIPTS = ["tpu_vm.sh", "xpk.sh", "slurm.sbatch"]
+
+
+def _shellcheck() -> str | None:
+  return shutil.which("shellcheck") or next(
+      (p for p in [os.path.join(os.path.dirname(sys.executable), "shellcheck")] if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_shell_scripts_pass_shellcheck():
+  proc = subprocess.run([_shellcheck(), *SHELL_SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _dry(*cmd: str) -> list[str]:
+  proc = subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.strip().splitlines()
+
+
+def test_tpu_vm_dry_run_runs_on_every_worker():
+  lines = _dry("bash", "launch/tpu_vm.sh", "--tpu=my-tpu", "--zone=us-west4-a", "--config=exp.py:smoke",
+               "--workdir=gs://b/run", "--setup", "--dry-run", "--", "--config.batch_size=1024")
+  assert len(lines) == 3  # copy, install, train
+  assert all(line.startswith("gcloud compute tpus tpu-vm") and "--worker=all" in line for line in lines)
+  assert "tpu" in lines[1] and "mvhan_jax.main" in lines[2] and "--config.batch_size=1024" in lines[2]
+
+
+def test_xpk_dry_run_picks_tpu_or_gpu_scaling():
+  common = ["--cluster=c", "--config=exp.py", "--workdir=gs://b/run", "--workload=w", "--dry-run"]
+  (tpu,) = _dry("bash", "launch/xpk.sh", "--device-type=v5litepod-16", "--num-slices=2", *common)
+  (gpu,) = _dry("bash", "launch/xpk.sh", "--device-type=h100-80gb-8", "--num-nodes=4", *common)
+  assert tpu.startswith("xpk workload create") and "--num-slices=2" in tpu and "tpu" in tpu and "--num-nodes" not in tpu
+  assert gpu.startswith("xpk workload create") and "--num-nodes=4" in gpu and "gpu" in gpu and "k8s" in gpu
+  assert "--num-slices" not in gpu
+
+
+def test_slurm_dry_run_submits_and_sruns():
+  lines = _dry("bash", "launch/slurm.sbatch", "--dry-run", "exp.py", "/shared/run", "--config.batch_size=512")
+  assert lines[0].startswith("sbatch ") and lines[1].startswith("srun ")
+  assert "--workdir=/shared/run" in lines[1] and lines[1].endswith("--config.batch_size=512")
+
+
+def test_missing_argument_is_reported():
+  proc = subprocess.run(["bash", "launch/tpu_vm.sh", "--zone=z", "--config=c", "--workdir=w", "--dry-run"],
+                        cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 2 and "missing --tpu" in proc.stderr
+
+
+def test_local_launcher_dry_run_gives_each_process_its_id():
+  lines = _dry(sys.executable, "launch/local_multiprocess.py", "--dry-run", "--num_processes=3", "--port=4567",
+               "--devices_per_process=2", "--", "-m", "mvhan_jax.main", "--workdir=w")
+  assert lines[-1] == "wait" and len(lines) == 4
+  for i, line in enumerate(lines[:3]):
+    assert f"MVHAN_PROCESS_ID={i} " in line and "MVHAN_NUM_PROCESSES=3" in line
+    assert "MVHAN_COORDINATOR_ADDRESS=127.0.0.1:4567" in line and "device_count=2" in line
+    assert line.endswith("-m mvhan_jax.main --workdir=w &")
+
+
+# --------------------------------------------------------------------------------------------------
+# How jax.distributed.initialize is called
+# --------------------------------------------------------------------------------------------------
+def test_plan_single_process_by_default():
+  assert distributed.plan(env={}, platform="cpu").mode == "single"
+  assert distributed.plan(num_processes=1, env={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}).mode == "single"
+
+
+def test_plan_explicit_from_flags_and_env():
+  p = distributed.plan("10.0.0.1:1234", 4, 2, env={})
+  assert p == distributed.Plan("explicit", {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2})
+  env = {"MVHAN_COORDINATOR_ADDRESS": "h:1", "MVHAN_NUM_PROCESSES": "2", "MVHAN_PROCESS_ID": "1"}
+  assert distributed.plan(env=env).kwargs == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  # A flag wins over the environment; JAX_COORDINATOR_ADDRESS completes a count and id.
+  assert distributed.plan(process_id=0, env=env).kwargs["process_id"] == 0
+  env = {"JAX_COORDINATOR_ADDRESS": "j:2", "MVHAN_NUM_PROCESSES": "2", "MVHAN_PROCESS_ID": "0"}
+  assert distributed.plan(env=env).kwargs["coordinator_address"] == "j:2"
+
+
+def test_plan_explicit_needs_all_three():
+  with pytest.raises(ValueError, match="missing.*process_id"):
+    distributed.plan("h:1", 2, env={})
+  with pytest.raises(ValueError, match="process_id=5"):
+    distributed.plan("h:1", 2, 5, env={})
+
+
+def test_plan_auto_detects_tpu_slurm_kubernetes():
+  assert distributed.plan(env={"TPU_WORKER_HOSTNAMES": "a,b"}) == distributed.Plan("tpu", {})
+  assert distributed.plan(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, platform="gpu").mode == "slurm"
+  # A one-task SLURM allocation (an interactive salloc) is a single process.
+  assert distributed.plan(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, platform="gpu").mode == "single"
+  k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
+  assert distributed.plan(env=k8s, platform="gpu").mode == "kubernetes"
+  # JAX_COORDINATOR_ADDRESS alone is left to JAX's auto-detection.
+  assert distributed.plan(env={"JAX_COORDINATOR_ADDRESS": "j:2"}, platform="cpu").mode == "single"
