@@ -103,25 +103,6 @@ def _spec(path: str, *args: str) -> str:
   return f"{path}:" + ",".join(a for a in args if a)
 
 
-def interests_recovered(users, mask, items, item_topic, user_interests, test_users) -> float:
-  """See the module docstring (the definition of experiments/synthetic_interest_table.py)."""
-  num_topics = int(item_topic.max()) + 1
-  centroids = np.stack([items[item_topic == t].mean(0) for t in range(num_topics)])
-  centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True) + 1e-9
-  caps = users / (np.linalg.norm(users, axis=-1, keepdims=True) + 1e-9)
-  out = []
-  for row, u in enumerate(test_users):
-    true = user_interests[u]
-    true = true[true >= 0]
-    live = np.flatnonzero(mask[row])
-    if len(true) > len(live):
-      out.append(False)
-      continue
-    best = (centroids[true] @ caps[row, live].T).argmax(1)
-    out.append(len(set(best.tolist())) == len(true))
-  return float(np.mean(out))
-
-
 def _world(cfg):
   return synthetic.generate_world(synthetic.WorldConfig(**cfg.dataset.world.to_dict()))
 
@@ -149,7 +130,7 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
       res["interest cos"] = multitower.mean_pairwise_cosine(users, mask)
       if name == "synthetic":
         truth = _world(cfg).ground_truth()
-        res["interests recovered"] = interests_recovered(
+        res["interests recovered"] = evaluation.interests_recovered(
             users, mask, train.encode_items(exp, params), truth["item_topic"], truth["user_interests"], test.user)
       rows.setdefault(row_name, []).append(res)
       timing.setdefault(f"{name}: {row_name}", []).append(time.time() - t0)

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mvhan_jax import configs  # noqa: E402
+from mvhan_jax import evaluation  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import synthetic  # noqa: E402
@@ -70,25 +71,9 @@ def interest_recovery(exp, params, world) -> float:
   users, mask = train.encode_users(exp, params, test)
   if mask is None:
     return float("nan")
-  items = train.encode_items(exp, params)
   truth = world.ground_truth()
-  topics = truth["item_topic"]
-  num_topics = int(topics.max()) + 1
-  centroids = np.stack([items[topics == t].mean(0) for t in range(num_topics)])
-  centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True) + 1e-9
-  caps = users / (np.linalg.norm(users, axis=-1, keepdims=True) + 1e-9)
-  recovered = []
-  for row, u in enumerate(test.user):
-    true = truth["user_interests"][u]
-    true = true[true >= 0]
-    live = np.flatnonzero(mask[row])
-    if len(true) > len(live):
-      recovered.append(False)
-      continue
-    cos = centroids[true] @ caps[row, live].T  # [|true|, live]
-    best = cos.argmax(1)
-    recovered.append(len(set(best.tolist())) == len(true))
-  return float(np.mean(recovered))
+  return evaluation.interests_recovered(users, mask, train.encode_items(exp, params), truth["item_topic"],
+                                        truth["user_interests"], test.user)
 
 
 def main(argv):

@@ -606,3 +606,34 @@ def get_evaluator(name: str, eval_set: Any, **kwargs) -> _Evaluator:
   if name not in EVALUATORS:
     raise ValueError(f"unknown evaluator {name!r}: choose one of {sorted(EVALUATORS)}")
   return EVALUATORS[name](eval_set, **kwargs)
+
+
+def interests_recovered(users, mask, items, item_topic, user_interests, test_users) -> float:
+  """Fraction of users whose true interest topics are each matched by a distinct live interest.
+
+  Each topic is represented by the mean of its items' vectors in the model's item space; every true
+  topic of a user is assigned the live interest vector of highest cosine, and the user counts as
+  recovered when those vectors are all different (more true topics than live interests: not
+  recovered). Used on the synthetic world, whose ground truth knows every user's topics.
+
+  Args:
+    users: float [Q, K, D] interest vectors; mask: bool [Q, K] live interests.
+    items: float [I, D] item vectors; item_topic: int [I] each item's topic.
+    user_interests: int [U, M] each user's true topics, -1 padded.
+    test_users: int [Q] the user id of each row of ``users``.
+  """
+  num_topics = int(item_topic.max()) + 1
+  centroids = np.stack([items[item_topic == t].mean(0) for t in range(num_topics)])
+  centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True) + 1e-9
+  caps = users / (np.linalg.norm(users, axis=-1, keepdims=True) + 1e-9)
+  out = []
+  for row, u in enumerate(test_users):
+    true = user_interests[u]
+    true = true[true >= 0]
+    live = np.flatnonzero(mask[row])
+    if len(true) > len(live):
+      out.append(False)
+      continue
+    best = (centroids[true] @ caps[row, live].T).argmax(1)  # [|true|]
+    out.append(len(set(best.tolist())) == len(true))
+  return float(np.mean(out))

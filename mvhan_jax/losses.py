@@ -111,16 +111,9 @@ def sampled_softmax_loss(
   Returns:
     (loss [B], logits [B, 1 + S]) where column 0 is the positive.
   """
-  pos_logit = jnp.sum(query * pos_emb, axis=-1) / temperature
-  neg_logit = query @ neg_emb.T / temperature
-  if pos_log_q is not None:
-    pos_logit = pos_logit - pos_log_q
-    neg_logit = neg_logit - neg_log_q[None, :]
-  if remove_accidental_hits:
-    neg_logit = jnp.where(pos_ids[:, None] == neg_ids[None, :], _NEG_INF, neg_logit)
-  logits = jnp.concatenate([pos_logit[:, None], neg_logit], axis=1)
-  loss = jax.nn.logsumexp(logits, axis=1) - pos_logit
-  return loss, logits
+  return sampled_softmax_loss_from_scores(
+      jnp.sum(query * pos_emb, axis=-1), query @ neg_emb.T, pos_ids, neg_ids, pos_log_q, neg_log_q,
+      temperature, remove_accidental_hits)
 
 
 def in_batch_softmax_loss(

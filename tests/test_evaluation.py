@@ -275,3 +275,21 @@ def test_comirec_evaluator_end_to_end_multi_interest():
                              "HR@3": 1.0, "NDCG@3": 0.6309297536 / 1.6309297536})
   with pytest.raises(ValueError, match="unknown evaluator"):
     ev.get_evaluator("sampled", es)
+
+
+def test_interests_recovered_hand_example():
+  # Two topics along the axes; items 0-1 are topic 0, items 2-3 topic 1.
+  items = np.array([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]], np.float32)
+  item_topic = np.array([0, 0, 1, 1])
+  user_interests = np.array([[0, 1], [0, 1], [1, -1]])
+  users = np.array([
+      [[2.0, 0.0], [0.0, 3.0]],   # user 0: one capsule per topic -> recovered
+      [[1.0, 1.0], [-1.0, -1.0]],  # user 1: capsule 0 is the best match of both topics -> not recovered
+      [[0.0, 1.0], [5.0, 5.0]],   # user 2: one true topic, matched -> recovered
+  ], np.float32)
+  mask = np.array([[True, True], [True, True], [True, False]])
+  got = ev.interests_recovered(users, mask, items, item_topic, user_interests, np.arange(3))
+  assert got == pytest.approx(2 / 3)
+  # A dead capsule cannot match: user 0 with only one live capsule has 2 topics > 1 live -> 1/3.
+  mask[0, 1] = False
+  assert ev.interests_recovered(users, mask, items, item_topic, user_interests, np.arange(3)) == pytest.approx(1 / 3)
