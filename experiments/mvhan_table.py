@@ -98,6 +98,9 @@ def main(argv):
               merged[f"{name} {m}"] = res[f"{name}/{m}"]
         for m in POOLED:
           merged[f"pooled {m}"] = res[m] if types is None else float("nan")
+      for name in names:  # a per-type model reports only its own types: the others are n/a
+        for m in ("HR@50", "AUC", "HR@10"):
+          merged.setdefault(f"{name} {m}", float("nan"))
       for m in ("HR@50", "AUC"):
         vals = [merged.get(f"{n} {m}", np.nan) for n in names[1:]]
         merged[f"targets {m}"] = float(np.nanmean(vals))

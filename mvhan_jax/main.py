@@ -32,6 +32,7 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "index", "recommend", "plot
 flags.DEFINE_string("data_dir", None, "Dataset cache directory (default: $MVHAN_DATA_DIR or ~/.cache/mvhan_jax).")
 flags.DEFINE_integer("user", None, "Dense user index for --mode=recommend (MovieLens: raw user id - 1).")
 flags.DEFINE_integer("top_n", 10, "Recommendations to print.")
+flags.DEFINE_string("type", None, "--mode=recommend: retrieve only items of this content type (e.g. 'family').")
 flags.DEFINE_integer("examples", 3, "Example users to print after --mode=train.")
 flags.DEFINE_bool("plots", True, "--mode=train: also write the evaluation figures into <workdir>/plots/.")
 flags.DEFINE_list("compare", [], "--mode=plots: more workdirs drawn beside --workdir (HR@K, training, per type).")
@@ -68,7 +69,7 @@ def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, floa
   row = int(rows[0])
   seen = set(test.exclude_indices[test.exclude_indptr[row]:test.exclude_indptr[row + 1]].tolist())
   vec, mask = train.encode_users(exp, params, test, rows=[row])
-  ids, scores = index.search(vec, min(top_n + len(seen), exp.data.num_items), query_mask=mask)
+  ids, scores = index.search(vec, min(top_n + len(seen), index.num_items), query_mask=mask)
   out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in seen]
   return out[:top_n]
 
@@ -133,7 +134,14 @@ def main(argv):
     write_plots(workdir, (config, exp, params, step), FLAGS.compare if FLAGS.mode == "plots" else ())
   if FLAGS.mode == "plots":
     return
-  index = retrieval.load_index(os.path.join(workdir, "index"))
+  index_dir = os.path.join(workdir, "index")
+  if FLAGS.type:  # MV-HAN: retrieval restricted to one content type, from that type's own index
+    index_dir = os.path.join(index_dir, "types", FLAGS.type)
+    if not os.path.isdir(index_dir):
+      names = exp.type_names or ()
+      raise app.UsageError(f"--type={FLAGS.type!r}: no per-type index at {index_dir}; the run's content "
+                           f"types are {list(names)} (per-type indexes exist for typed datasets only)")
+  index = retrieval.load_index(index_dir)
   if FLAGS.mode == "recommend":
     if FLAGS.user is None:
       raise app.UsageError("--mode=recommend needs --user=<dense user index>")

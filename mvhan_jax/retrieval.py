@@ -437,12 +437,65 @@ def build_index(item_vectors, config: IndexConfig | None = None) -> _Index:
   return _BACKENDS[config.backend].build(item_vectors, config)
 
 
-def load_index(directory: str) -> _Index:
-  """Loads an index saved by `.save`, choosing the class from its index.json."""
+def load_index(directory: str):
+  """Loads an index saved by `.save` (or a `SubsetIndex`), choosing the class from its index.json."""
+  if os.path.isfile(os.path.join(directory, SubsetIndex.IDS_FILE)):
+    return SubsetIndex.load(directory)
   backend = _read_meta(directory).get("backend")
   if backend not in _BACKENDS:
     raise ValueError(f"{directory!r}: unknown index backend {backend!r}")
   return _BACKENDS[backend].load(directory)
+
+
+class SubsetIndex:
+  """An index over a subset of the catalogue (e.g. one content type) that answers in global item ids.
+
+  MV-HAN serves one index over all types and one per type: a retrieval restricted to a type searches
+  that type's index, so no result of another type can appear (filtering a global top-k would need an
+  unbounded k for a sparse type).
+
+  Attributes:
+    inner: the index over ``item_vectors[item_ids]`` (local ids 0..n-1).
+    item_ids: int64 [n] the global id of every local id.
+  """
+
+  IDS_FILE = "item_ids.npy"
+
+  def __init__(self, inner, item_ids):
+    self.inner = inner
+    self.item_ids = np.asarray(item_ids, np.int64)
+    if self.item_ids.shape != (inner.num_items,):
+      raise ValueError(f"item_ids has shape {self.item_ids.shape}, the index holds {inner.num_items} items")
+
+  @classmethod
+  def build(cls, item_vectors, item_ids, config: IndexConfig | None = None) -> "SubsetIndex":
+    """Indexes ``item_vectors[item_ids]`` (item_vectors: the whole catalogue [I, D])."""
+    item_ids = np.asarray(item_ids, np.int64)
+    if item_ids.ndim != 1 or not item_ids.size:
+      raise ValueError("item_ids must be a non-empty int [n] array of global item ids")
+    sub = np.asarray(item_vectors)[item_ids]
+    return cls(build_index(sub, config or IndexConfig.for_size(len(item_ids))), item_ids)
+
+  @property
+  def num_items(self) -> int:
+    return self.inner.num_items
+
+  def search(self, queries, k: int, query_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """As `_Index.search`; ids are global, -1 stays -1."""
+    ids, scores = self.inner.search(queries, k, query_mask=query_mask)
+    ids = np.asarray(ids)
+    return np.where(ids >= 0, self.item_ids[np.maximum(ids, 0)], -1), scores
+
+  def save(self, directory: str, step: int, metadata: Mapping[str, Any] | None = None) -> str:
+    # The id map first: index.json, written last by the inner save, marks the whole save complete.
+    os.makedirs(directory, exist_ok=True)
+    np.save(os.path.join(directory, self.IDS_FILE), self.item_ids)
+    return self.inner.save(directory, step, metadata)
+
+  @classmethod
+  def load(cls, directory: str) -> "SubsetIndex":
+    backend = _read_meta(directory).get("backend")
+    return cls(_BACKENDS[backend].load(directory), np.load(os.path.join(directory, cls.IDS_FILE)))
 
 
 # ---------------------------------------------------------------------------

@@ -527,4 +527,26 @@ def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> di
     ann_ids, _ = index.search(users, k, query_mask=mask)
     _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
     out[f"ann_recall@{k}"] = float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))
+  if exp.item_type is not None:
+    out["types"] = build_and_save_type_indexes(exp, items, users, mask, step, path)
+  return out
+
+
+def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, path: str) -> dict[str, Any]:
+  """MV-HAN's per-type serving: one index per content type under ``<index>/types/<name>`` (global
+  item ids), and each one's ANN recall@10 against the exact top-10 among that type's items."""
+  out = {}
+  for t, name in enumerate(exp.type_names, start=1):
+    members = np.flatnonzero(exp.item_type == t)
+    if not len(members):
+      continue
+    cfg = retrieval.IndexConfig.for_size(len(members), **{k: v for k, v in exp.config.index.items() if k != "build"})
+    index = retrieval.SubsetIndex.build(items, members, cfg)
+    index.save(os.path.join(path, "types", name), step=step,
+               metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name, "type": name})
+    k = min(10, len(members))
+    ann_ids, _ = index.search(users, k, query_mask=mask)
+    _, exact_local = evaluation.exact_topk(users, items[members], k, query_mask=mask)
+    out[name] = {"items": int(len(members)),
+                 "ann_recall@10": float(retrieval.ann_recall(ann_ids, members[np.asarray(exact_local)]))}
   return out

@@ -186,3 +186,26 @@ def test_build_index_falls_back_without_scann(monkeypatch, caplog):
   assert isinstance(index, retrieval.ExactIndex)
   warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1 and "scann is not importable" in warnings[0].getMessage()
+
+
+def test_subset_index_answers_in_global_ids_and_only_from_its_subset(tmp_path):
+  rng = np.random.default_rng(3)
+  items = rng.normal(size=(3000, 16)).astype(np.float32)
+  members = np.sort(rng.choice(3000, size=400, replace=False))
+  queries = rng.normal(size=(20, 16)).astype(np.float32)
+  index = retrieval.SubsetIndex.build(items, members, retrieval.IndexConfig.for_size(400, backend="exact"))
+  ids, scores = index.search(queries, 10)
+  assert set(ids.ravel().tolist()) <= set(members.tolist())
+  # Equal to a brute-force top-10 among the subset, in global ids.
+  s = queries @ items[members].T
+  want = members[np.argsort(-s, axis=1)[:, :10]]
+  np.testing.assert_array_equal(ids, want)
+  np.testing.assert_allclose(scores, np.take_along_axis(s, np.argsort(-s, axis=1)[:, :10], 1), rtol=1e-5)
+  # A saved and reloaded subset index (ScaNN) keeps the id map.
+  scann = retrieval.SubsetIndex.build(items, members)
+  scann.save(str(tmp_path / "t"), step=7)
+  loaded = retrieval.load_index(str(tmp_path / "t"))
+  assert isinstance(loaded, retrieval.SubsetIndex) and loaded.inner.step == 7
+  got, _ = loaded.search(queries, 10)
+  assert set(got.ravel().tolist()) <= set(members.tolist())
+  assert retrieval.ann_recall(got, want) > 0.9

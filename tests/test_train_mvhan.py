@@ -80,7 +80,6 @@ def test_per_type_negatives_need_a_schedule_and_content_types():
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mvhan_smoke"))
   cfg = _config("smoke,typed,learn_temperature")
-  cfg.index.build = False
   results = train.train_and_evaluate(cfg, workdir)
   return workdir, results
 
@@ -113,3 +112,20 @@ def test_pooled_two_tower_on_typed_data_uses_all_items_as_negatives():
   assert "content_type" not in batch
   assert len(set(exp.item_type[batch["target"]].tolist())) >= 1
   assert jnp.asarray(exp.sampler.probs).shape == (exp.data.num_items,)
+
+
+def test_one_index_over_all_types_and_one_per_type(smoke_run):
+  """Serving: the global index, and per-type indexes whose results are all of their type (global ids)."""
+  from mvhan_jax import retrieval  # pylint: disable=import-outside-toplevel
+  workdir, results = smoke_run
+  per_type = results["index"]["types"]
+  assert sorted(per_type) == ["family", "mainstream", "niche"]
+  assert per_type["family"]["items"] == 131 and per_type["niche"]["items"] == 141
+  exp = train.build_experiment(_config("smoke,typed,learn_temperature"))
+  params, _ = train.restore_params(workdir, exp, "best")
+  users, _ = train.encode_users(exp, params, exp.eval_sets["test"], rows=np.arange(50))
+  for t, name in enumerate(("mainstream", "family", "niche"), start=1):
+    index = retrieval.load_index(os.path.join(workdir, "index", "types", name))
+    ids, _ = index.search(users, 10)
+    assert (exp.item_type[ids] == t).all()
+    assert per_type[name]["ann_recall@10"] > 0.9
