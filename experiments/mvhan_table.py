@@ -137,7 +137,8 @@ Produced by:
 python experiments/mvhan_table.py{flags_used} --out={out}
 ```
 
-Machine: {report.machine_description()}. Wall time per seed:
+Machine: {report.machine_description()}. Wall time per seed of this invocation (a finished run is only
+re-evaluated, so a rerun over existing workdirs shows evaluation time, not training time):
 {"; ".join(f"{n}: {np.mean(t):.0f} s" for n, t in timing.items())}.
 """
   report.write_markdown(out, text)
