@@ -86,7 +86,10 @@ python experiments/ml100k_table.py --seeds={seeds} --out={FLAGS.out}
 
 Machine: {report.machine_description()}. "ANN recall@50": the saved ScaNN index's top-50 against the
 exact top-50 for the test users' vectors (multi-interest: every live interest searched, merged by max
-score). Training speed per model: experiments/results/bench/.
+score). Training speed per model: experiments/results/bench/. Negatives: the two-tower and MV-HAN
+rows sample popularity^0.75, the MIND / ComiRec rows the log-uniform sampler over frequency-ranked ids
+(both with logQ); each config file says which. MV-HAN's per-content-type results:
+experiments/results/mvhan_ml100k.md.
 
 Reference points on this exact protocol (from the project's issue tracker, not produced here): a
 matrix-factorization BPR peer reaches HR@10 0.081 / HR@50 0.302; GRU4Rec 0.108 HR@10.
