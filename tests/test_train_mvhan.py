@@ -5,7 +5,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,10 +107,14 @@ def test_pooled_two_tower_on_typed_data_uses_all_items_as_negatives():
   cfg = _config("smoke,model=two_tower")
   exp = train.build_experiment(cfg)
   assert exp.type_samplers is None and exp.examples_by_type is None
-  batch = next(pipeline.iterate(train.train_dataset(exp, 32, seed=0)))
+  batch = next(pipeline.iterate(train.train_dataset(exp, 256, seed=0)))
   assert "content_type" not in batch
-  assert len(set(exp.item_type[batch["target"]].tolist())) >= 1
-  assert jnp.asarray(exp.sampler.probs).shape == (exp.data.num_items,)
+  # Mixed-type batches (a typed schedule would give exactly one type) ...
+  assert len(set(exp.item_type[batch["target"]].tolist())) >= 2
+  # ... and one proposal over the whole catalogue: every type has items the sampler can draw.
+  probs = np.asarray(exp.sampler.probs)
+  for t in (1, 2, 3):
+    assert probs[exp.item_type == t].sum() > 0
 
 
 def test_one_index_over_all_types_and_one_per_type(smoke_run):

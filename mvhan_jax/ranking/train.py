@@ -40,6 +40,7 @@ from mvhan_jax.metrics_writer import MetricsWriter
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import metrics as ranking_metrics
 from mvhan_jax.ranking import models
+from mvhan_jax import train as retrieval_train
 from mvhan_jax.train import TrainState, make_optimizer
 
 EVAL_TASKS = ("ctr", "ctcvr", "cvr")
@@ -185,13 +186,9 @@ def evaluate(exp: RankingExperiment, params, split: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-def _manager(path: str, max_to_keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(path), options=ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True), item_names=("state", "meta"))
-
-
-def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+# The retrieval trainer's checkpoint layout: 'state' + 'meta' items, the same manager options.
+_manager = retrieval_train._manager  # pylint: disable=protected-access
+_abstract = retrieval_train._abstract  # pylint: disable=protected-access
 
 
 def restore_params(workdir: str, exp: RankingExperiment, which: str = "best"):
