@@ -213,7 +213,23 @@ def make_train_step(exp: Experiment, tx) -> Callable:
   train_equals_serve = multi and hasattr(model, "score_candidates") and getattr(model, "train_equals_serve", False)
   has_aux_loss = multi and hasattr(model, "aux_loss")
 
+  # Mixed precision (config.compute_dtype, default float32): the float parameters and feature tables
+  # are cast for the forward pass (gradients reach the float32 master copy through the cast); the
+  # user/item vectors are cast back to float32 before scores, softmax and losses.
+  compute_dtype = jnp.dtype(exp.config.get("compute_dtype", "float32"))
+  if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"config.compute_dtype={exp.config.compute_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+  low_precision = compute_dtype != jnp.dtype(jnp.float32)
+
+  def cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
   def loss_fn(params, batch, tables, rng):
+    if low_precision:
+      return _loss_fn(cast(params, compute_dtype), batch, cast(tables, compute_dtype), rng)
+    return _loss_fn(params, batch, tables, rng)
+
+  def _loss_fn(params, batch, tables, rng):
     rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
     rngs = {"dropout": rng_drop, "routing": rng_route}
     pos_ids = batch["target"]
@@ -224,12 +240,13 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     if cfg.kind == "sampled_softmax":
       neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
       items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
+      items = items.astype(jnp.float32)
       pos, neg = items[:b], items[b:]
     elif cfg.kind == "in_batch":
-      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs)
+      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
     else:
       raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
-    users = model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs)
+    users = cast(model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs), jnp.float32)
     serve_scores = None
     if multi:
       interests, mask = users
