@@ -1,0 +1,203 @@
+"""SEMINAR's modules (arXiv 2407.10714): the shared (query, item) embedder, the pretraining search
+unit (PSU) and the downstream two-stage model (GSU top-K + ESU target attention + MLP).
+
+Shapes: B batch, L history length, C candidates per row, M modalities, d = ``dim``, Q query length,
+H heads, K top-K positions, dh = ``head_dim``.
+
+Embedder (paper Sec. "multi-modal (query, item) pair"):
+  e_m(i)   = modality m embedding of item i: m = 0 a learned id table, m >= 1 Dense(d) of the
+             item's fixed vector (text, image / genre)                                   [.., M, d]
+  w        = softmax(gate_logits) [M]: one learned gate for all items. A per-item gate would break
+             the factorised multi-modal score sum_i sum_j w_i w_j <q_i, k_j> that PQ needs.
+  item(i)  = sum_m w_m e_m(i)
+  query    = masked mean of the keyword embeddings (0 = padding)                          [.., d]
+  pair key = alpha * query + (1 - alpha) * e_m(i) per modality for a search event, e_m(i) for a
+             browsing event (no query: the item embedding alone, not alpha * 0 + ...), so that
+             sum_m w_m key_m = alpha * query + (1 - alpha) * item (weights sum to 1).
+Downstream (TWIN-style, GSU and ESU share the per-head query projection W_h):
+  GSU: score_h(l) = sum_i sum_j w_i w_j <W_h e_i(target), key_j(l)> over the whole history, top-K
+       positions per head (`mvhan_jax.models.pq`: exact, or from the PQ codes of the keys). The
+       selection is not differentiable (stop-gradient on its scores).
+  ESU: target attention over the K positions with the exact score / sqrt(d), values V_h pair(l).
+  out: MLP(128, 64, 1) of [item(target), ESU heads] -> a logit per candidate.
+Candidates of one row are folded into the head axis of the pq functions ([B, C * H, ...]) so a
+history's keys are computed once for all its candidates.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvhan_jax.models import pq
+
+ATTENTION = ("exact", "pq")
+
+
+class Embedder(nn.Module):
+  """Shared by the PSU and the downstream model (the downstream restores it from the PSU)."""
+
+  num_items: int
+  num_keywords: int
+  dim: int
+  modality_keys: tuple[str, ...]  # the tables of the non-id modalities, in modality order
+  alpha: float = 0.5
+
+  @property
+  def num_modalities(self) -> int:
+    return 1 + len(self.modality_keys)
+
+  def setup(self):
+    init = nn.initializers.normal(self.dim ** -0.5)
+    self.item_embed = nn.Embed(self.num_items, self.dim, embedding_init=init)
+    self.keyword_embed = nn.Embed(max(self.num_keywords, 1), self.dim, embedding_init=init)
+    self.projections = [nn.Dense(self.dim, name=f"proj_{k}") for k in self.modality_keys]
+    self.gate_logits = self.param("gate_logits", nn.initializers.zeros, (self.num_modalities,))
+
+  def gate(self):
+    """w [M]: softmax over modalities."""
+    return jax.nn.softmax(self.gate_logits)
+
+  def modalities(self, items, tables):
+    """items int [...] -> [..., M, d]."""
+    views = [self.item_embed(items)]
+    for key, proj in zip(self.modality_keys, self.projections):
+      views.append(proj(jnp.take(tables[key], items, axis=0)))
+    return jnp.stack(views, axis=-2)
+
+  def query(self, query_ids):
+    """query_ids int [..., Q] -> (mean keyword embedding [..., d], has_query bool [...])."""
+    mask = query_ids > 0
+    emb = self.keyword_embed(query_ids) * mask[..., None]
+    n = mask.sum(-1)
+    return emb.sum(-2) / jnp.maximum(n, 1)[..., None], n > 0
+
+  def pair_keys(self, modal, query, has_query):
+    """Per-modality pair keys [..., M, d] (see the module docstring)."""
+    mixed = self.alpha * query[..., None, :] + (1.0 - self.alpha) * modal
+    return jnp.where(has_query[..., None, None], mixed, modal)
+
+  def fuse(self, x):
+    """[..., M, d] -> [..., d] with the gate weights."""
+    return jnp.einsum("...md,m->...d", x, self.gate())
+
+  def __call__(self, items, query_ids, tables):
+    modal = self.modalities(items, tables)
+    q, has_q = self.query(query_ids)
+    return self.pair_keys(modal, q, has_q), self.gate()
+
+
+def embedder_from_config(cfg, data) -> Embedder:
+  return Embedder(num_items=data.num_items, num_keywords=data.num_keywords, dim=cfg.model.dim,
+                  modality_keys=tuple(data.modality_names[1:]), alpha=cfg.model.alpha)
+
+
+class PSU(nn.Module):
+  """Pretraining search unit: the embedder plus a next-pair predictor over a causal mean context.
+
+  ``__call__(batch, neg_items, tables)`` with batch['history_item'] [B, L], ['history_query']
+  [B, L, Q], neg_items int [B, L] (a random item per position) returns the tensors the three
+  objectives need (`mvhan_jax.seminar.losses`).
+  """
+
+  embedder: Embedder
+
+  @nn.compact
+  def __call__(self, batch, neg_items, tables):
+    emb = self.embedder
+    items, queries = batch["history_item"], batch["history_query"]
+    modal = emb.modalities(items, tables)                                   # [B, L, M, d]
+    q, has_q = emb.query(queries)
+    pair = emb.fuse(emb.pair_keys(modal, q, has_q))                         # [B, L, d]
+    valid = jnp.arange(items.shape[1])[None, :] < batch["history_len"][:, None]
+    w = valid.astype(pair.dtype)[..., None]
+    ctx = jnp.cumsum(pair * w, axis=1) / jnp.maximum(jnp.cumsum(w, axis=1), 1.0)
+    pred = nn.Dense(emb.dim, name="predictor")(ctx)
+    neg_pair = emb.fuse(emb.pair_keys(emb.modalities(neg_items, tables), q, has_q))
+    return {"modal": modal, "query": q, "has_query": has_q, "item": emb.fuse(modal), "pair": pair,
+            "pred": pred, "neg_pair": neg_pair, "valid": valid}
+
+
+class SeminarModel(nn.Module):
+  """The downstream model; ``__call__(batch, candidates, tables, codebooks, attention)`` -> logits
+  [B, C]. ``codebooks`` [M, C_pq, 256, d / C_pq] is used when ``attention == 'pq'``."""
+
+  embedder: Embedder
+  heads: int = 4
+  top_k: int = 32
+  head_dim: int = 16
+  mlp: Sequence[int] = (128, 64)
+  pq_scoring: str = "decoded"  # 'lut': pq.pq_topk's table look-ups; 'decoded': the same scores as
+  # exact dot products with the decoded keys (equal up to rounding; much faster on CPU, where the
+  # [B, C * H, L, M * C_pq] gathers of the look-ups dominate the step)
+
+  def setup(self):
+    d = self.embedder.dim
+    init = nn.initializers.normal(d ** -0.5)
+    self.w_query = self.param("w_query", init, (self.heads, d, d))
+    self.w_value = self.param("w_value", init, (self.heads, d, self.head_dim))
+    self.hidden = [nn.Dense(n, name=f"mlp_{i}") for i, n in enumerate(self.mlp)]
+    self.out = nn.Dense(1, name="mlp_out")
+
+  def encode_history(self, batch, tables):
+    """keys [B, L, M, d], fused pairs [B, L, d], mask [B, L]."""
+    emb = self.embedder
+    items = batch["history_item"]
+    modal = emb.modalities(items, tables)
+    q, has_q = emb.query(batch["history_query"])
+    keys = emb.pair_keys(modal, q, has_q)
+    mask = jnp.arange(items.shape[1])[None, :] < batch["history_len"][:, None]
+    return keys, emb.fuse(keys), mask
+
+  def select(self, q, keys, mask, codebooks, attention: str):
+    """GSU: (idx [B, N, K], valid [B, N, K]) for queries q [B, N, M, d] (N = C * H)."""
+    k = min(self.top_k, keys.shape[1])
+    q, keys = jax.lax.stop_gradient(q), jax.lax.stop_gradient(keys)
+    w = jax.lax.stop_gradient(self.embedder.gate())
+    if attention == "exact":
+      return pq.exact_topk(q, keys, w, mask, k)
+    if attention == "pq":
+      if codebooks is None:
+        raise ValueError("attention='pq' needs codebooks: train them with train.train_codebooks")
+      codes = pq.multimodal_encode(codebooks, keys)
+      if self.pq_scoring == "lut":
+        return pq.pq_topk(q, codes, codebooks, w, mask, k)
+      if self.pq_scoring == "decoded":
+        return pq.exact_topk(q, pq.multimodal_decode(codebooks, codes), w, mask, k)
+      raise ValueError(f"config.model.pq_scoring={self.pq_scoring!r} is unknown: use 'lut' or 'decoded'")
+    raise ValueError(f"config.model.attention={attention!r} is unknown: use one of {ATTENTION}")
+
+  def __call__(self, batch, candidates, tables, codebooks=None, attention: str = "exact",
+               return_selection: bool = False):
+    emb = self.embedder
+    b, c = candidates.shape
+    h, d = self.heads, emb.dim
+    keys, fused, mask = self.encode_history(batch, tables)
+    target = emb.modalities(candidates, tables)                             # [B, C, M, d]
+    qh = jnp.einsum("bcmd,hde->bchme", target, self.w_query)               # [B, C, H, M, d]
+    qh = qh.reshape(b, c * h, target.shape[-2], d)
+    idx, valid = self.select(qh, keys, mask, codebooks, attention)        # [B, CH, K]
+    picked = pq.gather_topk(fused, idx)                                    # [B, CH, K, d]
+    qf = emb.fuse(qh)                                                      # [B, CH, d]
+    logits = jnp.einsum("bnd,bnkd->bnk", qf, picked) / jnp.sqrt(float(d))
+    logits = jnp.where(valid, logits, -1e9)
+    att = jax.nn.softmax(logits, axis=-1) * valid.any(-1, keepdims=True)
+    k = idx.shape[-1]
+    values = jnp.einsum("bchkd,hde->bchke", picked.reshape(b, c, h, k, d), self.w_value)
+    esu = jnp.einsum("bchk,bchke->bche", att.reshape(b, c, h, k), values).reshape(b, c, h * self.head_dim)
+    x = jnp.concatenate([emb.fuse(target), esu], axis=-1)
+    for layer in self.hidden:
+      x = nn.relu(layer(x))
+    out = self.out(x)[..., 0]
+    if return_selection:
+      return out, (idx, valid)
+    return out
+
+
+def model_from_config(cfg, data) -> SeminarModel:
+  m = cfg.model
+  return SeminarModel(embedder=embedder_from_config(cfg, data), heads=m.heads, top_k=m.top_k,
+                      head_dim=m.head_dim, mlp=tuple(m.mlp), pq_scoring=m.get("pq_scoring", "decoded"))

@@ -1,0 +1,224 @@
+"""SEMINAR: the InfoNCE forms against hand-computed values, PSU learning signal, the pretrained
+embedder restore and freeze, GSU top-K masking, full-corpus ranks against brute force, config checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mvhan_jax.configs import load_config
+from mvhan_jax.seminar import data as sdata
+from mvhan_jax.seminar import losses
+from mvhan_jax.seminar import train as strain
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _cos(a, b):
+  a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+  b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+  return a @ b.T
+
+
+def test_info_nce_from_logits_hand_value():
+  # Row 0: logits (2, 0, 0), label 0 -> -log(e^2 / (e^2 + 2)); row 1: (1, 1, 0) label 1 with
+  # column 2 masked -> -log(1/2) = log 2; row 2 has weight 0.
+  logits = jnp.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [5.0, -5.0, 0.0]])
+  mask = jnp.array([[True, True, True], [True, True, False], [True, True, True]])
+  got = losses.info_nce_from_logits(logits, jnp.array([0, 1, 1]), jnp.array([1.0, 1.0, 0.0]), mask)
+  want = (-np.log(np.exp(2) / (np.exp(2) + 2)) + np.log(2)) / 2
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_alignment_is_symmetric_and_divides_by_tau():
+  a = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)
+  b = np.array([[1.0, 0.2], [0.3, 1.0], [-1.0, 1.0]], np.float32)
+  tau = 0.05
+  s = _cos(a, b) / tau                                         # divided, not multiplied, by tau
+  fwd = -np.mean(np.diag(_np_log_softmax(s)))
+  bwd = -np.mean(np.diag(_np_log_softmax(s.T)))
+  valid = jnp.ones(3, bool)
+  got = losses.symmetric_info_nce(jnp.asarray(a), jnp.asarray(b), tau, valid)
+  np.testing.assert_allclose(float(got), 0.5 * (fwd + bwd), rtol=1e-5)
+  swapped = losses.symmetric_info_nce(jnp.asarray(b), jnp.asarray(a), tau, valid)
+  np.testing.assert_allclose(float(swapped), float(got), rtol=1e-6)
+  # A multiplied-by-tau logit (the released code's bug) gives a different, near log(3) value.
+  assert abs(float(got) - np.log(3)) > 0.5
+  # Three modalities: the mean over the 3 pairs.
+  c = np.array([[0.5, 1.0], [1.0, -1.0], [0.0, 1.0]], np.float32)
+  modal = jnp.asarray(np.stack([a, b, c], 1))
+  pairs = [losses.symmetric_info_nce(jnp.asarray(x), jnp.asarray(y), tau, valid) for x, y in ((a, b), (a, c), (b, c))]
+  np.testing.assert_allclose(float(losses.alignment_loss(modal, tau, valid)), float(sum(pairs) / 3), rtol=1e-6)
+
+
+def test_relevance_loss_hand_value():
+  # One sequence of 3 positions; position 0 and 2 are search events, position 1 is browsing.
+  q = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], np.float32)  # row 1 is not a search event
+  it = np.array([[1.0, 0.5], [0.0, 1.0], [1.0, 1.0]], np.float32)
+  ids = np.array([[4, 5, 6]])
+  tau = 0.1
+  s = _cos(q, it) / tau
+  want = -(_np_log_softmax(s[0])[0] + _np_log_softmax(s[2])[2]) / 2
+  got = losses.relevance_loss(jnp.asarray(q[None]), jnp.asarray(it[None]), jnp.array([[True, False, True]]),
+                              jnp.ones((1, 3), bool), jnp.asarray(ids), tau)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # The same item at another position is not a negative (accidental hit masked).
+  ids2 = np.array([[4, 5, 4]])
+  s_row0 = np.array([s[0, 0], s[0, 1]])
+  want2 = -(_np_log_softmax(s_row0)[0] + _np_log_softmax(np.array([s[2, 1], s[2, 2]]))[1]) / 2
+  got2 = losses.relevance_loss(jnp.asarray(q[None]), jnp.asarray(it[None]), jnp.array([[True, False, True]]),
+                               jnp.ones((1, 3), bool), jnp.asarray(ids2), tau)
+  np.testing.assert_allclose(float(got2), want2, rtol=1e-5)
+
+
+def test_next_pair_loss_hand_value():
+  pred = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], np.float32)
+  pos = np.array([[[9.0, 9.0], [2.0, 0.0], [0.0, 3.0]]], np.float32)
+  neg = np.array([[[9.0, 9.0], [-1.0, 0.0], [0.0, 1.0]]], np.float32)
+  valid = np.array([[True, True, False]])  # only t = 0 has a valid successor
+  sp = lambda x: np.log1p(np.exp(x))  # noqa: E731
+  want = sp(-2.0) + sp(-1.0)            # -log sigmoid(<pred_0, pos_1>) - log(1 - sigmoid(<pred_0, neg_1>))
+  got = losses.next_pair_loss(jnp.asarray(pred), jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(valid))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+  cfg = load_config("experiments/configs/seminar_synthetic.py:smoke")
+  exp = strain.build_experiment(cfg)
+  return cfg, exp
+
+
+def test_data_split_and_windows(smoke):
+  _, exp = smoke
+  d = exp.data
+  test = d.eval_queries["test"]
+  valid = d.eval_queries["valid"]
+  assert np.array_equal(test.end, d.offsets[1:][test.user] - 1)
+  assert np.array_equal(valid.end, test.end - 1)
+  # Training targets stay strictly before the validation event (no future leakage).
+  src = sdata.finetune_source(d, 16, 4, 4, 0)
+  assert np.all(src.end < d.train_end()[src.user])
+  b = src.take(np.arange(3))
+  for r in range(3):
+    n = b["history_len"][r]
+    np.testing.assert_array_equal(b["history_item"][r, :n], d.item[src.end[r] - n:src.end[r]])
+    assert np.all(b["history_item"][r, n:] == 0)
+  assert (d.query > 0).any() and not (d.query > 0).all()  # search and browsing events
+
+
+def test_psu_pretraining_lowers_its_loss(smoke):
+  cfg, exp = smoke
+  src = sdata.psu_source(exp.data, 16, 4, 0)
+  tx = strain._psu_optimizer(cfg, 40)
+  state = strain._psu_init(exp, tx, jax.random.key(0), strain._example(src))
+  step = strain.make_psu_step(exp, tx)
+  batch = src.take(np.arange(16))
+  neg = jnp.zeros_like(batch["history_item"])
+  before = float(strain.psu_loss(exp.psu, state.params, batch, neg, exp.tables, cfg.pretrain)[0])
+  for i in range(40):
+    state, m = step(state, src.take(np.arange(16 * (i % 4), 16 * (i % 4) + 16)), exp.tables, jax.random.key(1))
+  after = float(strain.psu_loss(exp.psu, state.params, batch, neg, exp.tables, cfg.pretrain)[0])
+  assert after < before - 0.3, (before, after)
+
+
+def test_restore_loads_pretrained_embedder_and_freeze_keeps_it(smoke, tmp_path):
+  cfg, exp = smoke
+  cfg = cfg.copy_and_resolve_references()
+  cfg.pretrain.total_steps = 3
+  cfg.pretrain.freeze = True
+  exp = dataclasses.replace(exp, config=cfg)
+  path = strain.pretrain(exp, str(tmp_path / "psu"))
+  emb = strain.load_pretrained_embedder(exp, path)
+  src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
+  tx = strain.downstream_optimizer(cfg, 10)
+  fresh = strain.init_state(exp, tx, jax.random.key(0), strain._example(src))
+  state = strain.init_state(exp, tx, jax.random.key(0), strain._example(src), emb)
+  for a, b in zip(jax.tree.leaves(emb), jax.tree.leaves(state.params["params"]["embedder"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(fresh.params["params"]["embedder"]["item_embed"]["embedding"]),
+                         np.asarray(emb["item_embed"]["embedding"]))
+  step = strain.make_train_step(exp, tx)
+  before = jax.tree.map(np.asarray, state.params)
+  for i in range(3):
+    state, _ = step(state, src.take(np.arange(16 * i, 16 * i + 16)), exp.tables, jax.random.key(2))
+  for a, b in zip(jax.tree.leaves(before["params"]["embedder"]), jax.tree.leaves(state.params["params"]["embedder"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert not np.allclose(before["params"]["w_query"], np.asarray(state.params["params"]["w_query"]))
+
+
+def test_topk_shapes_and_padding_never_attended(smoke):
+  cfg, exp = smoke
+  src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
+  tx = strain.downstream_optimizer(cfg, 10)
+  state = strain.init_state(exp, tx, jax.random.key(0), strain._example(src))
+  batch = src.take(np.arange(4))
+  batch["history_len"] = np.array([3, 8, 20, 64], np.int32)   # 3 < top_k = 8
+  cand = jnp.asarray(np.array([[1, 2, 3]] * 4, np.int32))
+  logits, (idx, valid) = exp.model.apply(state.params, batch, cand, exp.tables, None, "exact", True)
+  h, k = cfg.model.heads, cfg.model.top_k
+  assert logits.shape == (4, 3) and idx.shape == (4, 3 * h, k) and valid.shape == (4, 3 * h, k)
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  assert np.array_equal(valid, idx < batch["history_len"][:, None, None])
+  assert valid[0].sum(-1).max() == 3 and valid[1:].all()
+  # Changing the padded positions' items and queries changes nothing.
+  other = dict(batch)
+  hi = batch["history_item"].copy()
+  hi[0, 3:] = 7
+  other["history_item"] = hi
+  l2 = exp.model.apply(state.params, other, cand, exp.tables, None, "exact")
+  np.testing.assert_allclose(np.asarray(l2), np.asarray(logits), rtol=1e-5, atol=1e-6)
+  # The PQ path: same shapes; its two scorings (table look-ups, decoded keys) select alike.
+  cb = strain.train_codebooks(exp, state.params, jax.random.key(3))
+  lut_model = exp.model.clone(pq_scoring="lut")
+  _, (i1, v1) = exp.model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
+  _, (i2, v2) = lut_model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
+  assert np.array_equal(np.asarray(v1), valid)
+  assert np.mean(np.sort(np.asarray(i1), -1) == np.sort(np.asarray(i2), -1)) > 0.95
+
+
+def test_full_corpus_ranks_equal_brute_force():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 5, (6, 12)).astype(np.float32)   # many ties
+  targets = rng.integers(0, 12, 6)
+  excl = [np.setdiff1d(rng.choice(12, 4, replace=False), [t]) for t in targets]
+  indptr = np.concatenate([[0], np.cumsum([len(e) for e in excl])])
+  got = strain.full_ranks(scores, targets, indptr, np.concatenate(excl))
+  for q in range(6):
+    others = [i for i in range(12) if i != targets[q] and i not in set(excl[q])]
+    assert got[q] == sum(scores[q, i] >= scores[q, targets[q]] for i in others)
+
+
+def test_evaluate_full_corpus_matches_scoring_every_item(smoke):
+  cfg, exp = smoke
+  src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
+  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain._example(src))
+  m = strain.evaluate(exp, state.params, "test", "exact")
+  eq = exp.data.eval_queries["test"]
+  hist = sdata.windows(exp.data.item, exp.data.query, exp.data.offsets[eq.user], eq.end, cfg.maxlen)
+  n_items = exp.data.num_items
+  ranks = []
+  for q in range(len(eq)):
+    b = {k: v[q:q + 1] for k, v in hist.items()}
+    s = np.asarray(exp.model.apply(state.params, b, jnp.arange(n_items)[None], exp.tables, None, "exact"))[0]
+    ex = set(eq.exclude_indices[eq.exclude_indptr[q]:eq.exclude_indptr[q + 1]].tolist())
+    t = eq.target[q]
+    ranks.append(sum(s[i] >= s[t] - 1e-6 for i in range(n_items) if i != t and i not in ex))
+  want_hr = np.mean(np.array(ranks) < 10)
+  np.testing.assert_allclose(m["full/HR@10"], want_hr, atol=1.5 / len(eq))
+
+
+@pytest.mark.parametrize("field,value", [("model.attention", "approx"), ("model.top_k", 10_000),
+                                          ("model.pq_subspaces", 5), ("pretrain.tau", 0.0),
+                                          ("train.num_negatives", 0)])
+def test_bad_config_raises_naming_the_field(field, value):
+  cfg = load_config("experiments/configs/seminar_synthetic.py:smoke")
+  section, name = field.split(".")
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    strain.check_config(cfg)
