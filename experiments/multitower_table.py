@@ -30,6 +30,7 @@ row (chance level).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -62,6 +63,9 @@ flags.DEFINE_string("extra", "", "Config args appended to every row (e.g. 'epoch
 flags.DEFINE_list("rows", [], "Only these row keys (default: all of ROWS).")
 flags.DEFINE_float("cold_fraction", 0.1, "Fraction of items held out of training in the cold-start section.")
 flags.DEFINE_integer("cold_epochs", 4, "Training epochs of the cold-start runs.")
+flags.DEFINE_list("cold_rows", [], "Only these cold-start row keys (default: all of COLD_ROWS).")
+flags.DEFINE_bool("cached_only", False, "Only collect runs whose metrics are cached (table_metrics.json in the "
+                  "workdir); skip the others. Used to merge rows that ran as separate processes.")
 FLAGS = flags.FLAGS
 
 # Row key -> (row name, config args).
@@ -107,6 +111,20 @@ def _world(cfg):
   return synthetic.generate_world(synthetic.WorldConfig(**cfg.dataset.world.to_dict()))
 
 
+def _load_cached(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "table_metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _save_cached(workdir: str, metrics: dict, seconds: float, info: dict | None = None) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "table_metrics.json"), "w") as f:
+    json.dump({"metrics": {k: float(v) for k, v in metrics.items()}, "seconds": seconds, "info": info or {}}, f)
+
+
 def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
   _, path, section_args, _ = SECTIONS[name]
   rows = {}
@@ -121,6 +139,13 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
       cfg.index.build = False
       workdir = os.path.join(FLAGS.workdir_root, name, spec.split(":")[1].replace(",", "_").replace("=", "-"),
                              f"seed{seed}")
+      cached = _load_cached(workdir)
+      if cached is not None:
+        rows.setdefault(row_name, []).append(cached["metrics"])
+        timing.setdefault(f"{name}: {row_name}", []).append(cached["seconds"])
+        continue
+      if FLAGS.cached_only:
+        continue
       t0 = time.time()
       res = dict(train.train_and_evaluate(cfg, workdir)["test"])
       exp = train.build_experiment(cfg)
@@ -134,6 +159,7 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
             users, mask, train.encode_items(exp, params), truth["item_topic"], truth["user_interests"], test.user)
       rows.setdefault(row_name, []).append(res)
       timing.setdefault(f"{name}: {row_name}", []).append(time.time() - t0)
+      _save_cached(workdir, res, time.time() - t0)
       print(f"[{name}] {row_name} seed {seed}: {res} ({time.time() - t0:.0f} s)", flush=True)
   return rows
 
@@ -192,8 +218,18 @@ def cold_metrics(exp, params, held: np.ndarray, k: int = 50) -> dict[str, float]
 
 def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
   rows, info = {}, {}
-  for key, (row_name, args) in COLD_ROWS.items():
+  for key in FLAGS.cold_rows or COLD_ROWS:
+    row_name, args = COLD_ROWS[key]
     for seed in seeds:
+      workdir = os.path.join(FLAGS.workdir_root, "cold_start", key, f"seed{seed}")
+      cached = _load_cached(workdir)
+      if cached is not None:
+        rows.setdefault(row_name, []).append(cached["metrics"])
+        timing.setdefault(f"cold_start: {row_name}", []).append(cached["seconds"])
+        info = cached["info"]
+        continue
+      if FLAGS.cached_only:
+        continue
       t0 = time.time()
       cfg = load_config(_spec("experiments/configs/multitower_synthetic.py", args, FLAGS.extra))
       cfg.seed = seed
@@ -213,6 +249,7 @@ def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
               "cold users": res.pop("cold users"), "warm users": res.pop("warm users")}
       rows.setdefault(row_name, []).append(res)
       timing.setdefault(f"cold_start: {row_name}", []).append(time.time() - t0)
+      _save_cached(workdir, res, time.time() - t0, info)
       print(f"[cold_start] {row_name} seed {seed}: {res} {info} ({time.time() - t0:.0f} s)", flush=True)
   return rows, info
 
@@ -225,6 +262,8 @@ def main(argv):
   for name in FLAGS.sections:
     if name == "cold_start":
       rows, info = run_cold_start(seeds, timing)
+      if not info:
+        continue
       parts.append(f"""## Cold-start items (synthetic world)
 
 {info['held']} of {info['items']} items ({FLAGS.cold_fraction:.0%}) held out of training entirely (not in
