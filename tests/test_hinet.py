@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mvhan_jax.configs import load_config
+from mvhan_jax.data import synthetic
 from mvhan_jax.data.types import FeatureSpec
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import layers
@@ -211,6 +212,49 @@ def test_synthetic_histories_hold_only_earlier_clicks():
   hist, hlen = ranking_data.click_histories(user, item, click, np.array([0, 4, 6]), maxlen=1)
   np.testing.assert_array_equal(hlen, [0, 1, 1, 1, 0, 1])
   np.testing.assert_array_equal(hist[:, 0], [0, 5, 5, 7, 0, 1])
+
+
+@pytest.fixture(scope="module")
+def synthetic_smoke():
+  cfg = load_config("experiments/configs/hinet_synthetic.py:smoke")
+  return cfg, ranking_data.load_ranking_data(cfg)
+
+
+def test_synthetic_oracle_is_the_generating_probability(synthetic_smoke):
+  cfg, data = synthetic_smoke
+  world = synthetic.generate_world(ranking_data.world_config(cfg.dataset.world.to_dict()))
+  specs = world.config.scenarios
+  assert [s.click_specific for s in specs] == [0.0, 3.0, 3.0]
+  vectors, latent, quality = world.skeleton.scenario_vectors, world.items["latent"], world.items["quality"]
+  sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
+  for split in ranking_data.SPLITS:
+    rows, oracle = data.splits[split], data.oracles["true"][split]
+    for r in np.random.default_rng(0).choice(len(rows["user"]), 40, replace=False):
+      u, i, s = int(rows["user"][r]), int(rows["item"][r]), int(rows["scenario"][r])
+      spec = specs[s]
+      # Affinity by hand: the best cosine between the user's interest topics and the item.
+      topics = world.users["interests"][u]
+      tv = world.skeleton.topic_vectors[topics[topics >= 0]]
+      aff = np.max(tv @ latent[i]) / np.linalg.norm(latent[i])
+      taste = vectors[s] @ latent[i] / np.linalg.norm(latent[i])
+      p_click = sigmoid(spec.click_bias + spec.click_slope * aff + spec.click_specific * taste)
+      p_conv = sigmoid(spec.conv_bias + spec.conv_shared * (quality[i] + aff) + spec.conv_specific * taste)
+      assert oracle["ctr"][r] == pytest.approx(p_click, rel=1e-4)
+      assert oracle["ctcvr"][r] == pytest.approx(p_click * p_conv, rel=1e-4)
+  # The rich-scenario oracle is the truth on the rich scenario only.
+  rich, true, sc = (np.concatenate(x) for x in zip(*[
+      (data.oracles["rich_scenario"][s]["ctr"], data.oracles["true"][s]["ctr"], data.splits[s]["scenario"])
+      for s in ranking_data.SPLITS]))
+  np.testing.assert_array_equal(rich[sc == 0], true[sc == 0])
+  assert np.mean(np.abs(rich[sc > 0] - true[sc > 0])) > 0.05
+
+
+def test_world_config_names_bad_scenario_field():
+  good = {"num_users": 50, "num_items": 500, "scenarios": ({"name": "only", "type_weights": {"article": 1.0, "novel": 1.0, "short": 1.0}},)}
+  assert ranking_data.world_config(good).scenarios[0].name == "only"
+  bad = {"scenarios": ({"name": "only", "type_weights": {"article": 1.0}, "click_slop": 2.0},)}
+  with pytest.raises(ValueError, match=r"config.dataset.world.scenarios\[0\].*click_slop"):
+    ranking_data.world_config(bad)
 
 
 @pytest.fixture(scope="module")

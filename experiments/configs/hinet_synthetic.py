@@ -6,13 +6,31 @@ Launch:
 
 Arguments after ':' as in hinet_ml100k.py: 'model=NAME' (hinet | shared_bottom | mmoe | ple | star),
 'no_san', 'no_specific', 'shared_tower', 'smoke'.
-World: 2,000 users, 3,000 items, the default content types and scenarios of
-mvhan_jax/data/synthetic_config.py ('feed' data-rich, 'reading' and 'video' sparse, each with its own
-click curve and its own conversion taste vector); ~80k exposures, the last 20% of each user's
-exposures are test, the 10% before them validation. Ground truth: mvhan_jax/ranking/data.py.
-Expected result (2-core CPU, ~1 minute per run): test CTR AUC ~0.7 (the click is a noisy Bernoulli
-of the true affinity, so the ceiling is well below 1); per-scenario numbers in
-experiments/results/hinet_synthetic.md.
+
+World: 2,000 users, 3,000 items, the default content types of mvhan_jax/data/synthetic_config.py and
+three scenarios defined here ('feed' data-rich, ~63k of ~80k exposures; 'reading' ~7.7k and 'video'
+~9k sparse). The last 20% of each user's exposures are test, the 10% before them validation.
+Ground truth: mvhan_jax/ranking/data.py and `synthetic_gen.true_probabilities`.
+
+Why this world and not the global defaults. With the defaults (noise_fraction 0.05, no scenario
+click taste) 95% of exposures come from the user's own interest topics, so the affinity that drives
+the click barely varies between exposures: the AUC of the TRUE click probabilities on the test split
+is only 0.56-0.60 per scenario (CTCVR 0.71-0.74), and every scenario's click function is the same
+monotone curve of affinity, so no model can gain from modelling scenarios on CTR (the first
+table of this experiment sat at CTR AUC ~0.55 for every model, near that ceiling). Here:
+- noise_fraction 0.4: 40% of exposures are of a random topic (the off-interest impressions a
+  production feed also shows), so affinity, and with it the click, varies between exposures: oracle
+  CTR AUC ~0.8 in every scenario.
+- click_specific 3 in the sparse scenarios (0 in the feed): their clicks also follow their own taste
+  <scenario_vector_s, item latent>, which the feed does not share; conv_specific 2.5 there (0.5 in the
+  feed). Scoring the sparse scenarios with the feed's functions loses ~0.08 CTR AUC and ~0.06 CTCVR
+  AUC against the true functions ('Oracle, feed functions' row of the table): this is the part that
+  only scenario-aware modelling can win, learnt from few samples (the setting HiNet targets). The
+  affinity and quality terms stay shared by every scenario.
+The global defaults (used by the retrieval worlds and their tests) are unchanged.
+
+Expected result (2-core CPU, ~1-2 minutes per run): see experiments/results/hinet_synthetic.md
+(oracle, every model and the ablations per scenario and task).
 """
 
 import os
@@ -24,18 +42,35 @@ from mvhan_jax.configs import config_module
 _ml_config = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hinet_ml100k.py")).get_config
 
 
+def scenarios():
+  """The world's scenarios (`synthetic_config.ScenarioSpec` fields); type weights as the defaults."""
+  def spec(name, type_weights, click_bias, click_slope, click_specific, conv_bias, conv_specific, search_rate):
+    return {"name": name, "type_weights": type_weights, "click_bias": click_bias, "click_slope": click_slope,
+            "click_specific": click_specific, "conv_bias": conv_bias, "conv_shared": 1.0,
+            "conv_specific": conv_specific, "search_rate": search_rate}
+  return (
+      spec("feed", {"article": 0.9, "novel": 0.3, "short": 0.4}, -2.0, 4.0, 0.0, -1.5, 0.5, 0.1),
+      spec("reading", {"article": 0.05, "novel": 0.7, "short": 0.0}, -2.5, 3.0, 3.0, -1.0, 2.5, 0.5),
+      spec("video", {"article": 0.05, "novel": 0.0, "short": 0.6}, -2.0, 3.0, 3.0, -2.0, 2.5, 0.4),
+  )
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _ml_config(arg)
   c.maxlen = 20
   d = ml_collections.ConfigDict()
   d.name = "synthetic"
-  d.world = ml_collections.ConfigDict({"num_users": 2000, "num_items": 3000, "seed": 0})
+  d.world = ml_collections.ConfigDict({"num_users": 2000, "num_items": 3000, "seed": 0,
+                                       "noise_fraction": 0.4, "scenarios": scenarios()})
   d.valid_fraction = 0.1
   d.test_fraction = 0.2
   c.dataset = d
   args = set((arg or "").split(","))
   if "smoke" not in args:
-    c.num_epochs = 2
+    # Validation AUC peaks after ~3 epochs and then declines (overfitting of the id embeddings;
+    # a 12-epoch run: valid CTR AUC 0.653, 0.684, 0.700, 0.699, ..., 0.671); the best-by-validation
+    # checkpoint is reported.
+    c.num_epochs = 4
     c.batch_size = 512
   else:
     c.dataset.world.num_users = 300

@@ -42,9 +42,12 @@ class ScenarioSpec:
 
   ``type_weights[type]`` sets p(scenario | type) after normalising over scenarios per type, so the
   global type shares stay what `ContentTypeSpec.interaction_share` says while each scenario gets
-  its own mix. Click logit = ``click_bias + click_slope * affinity``; conversion-given-click logit =
-  ``conv_bias + conv_shared * (quality + affinity) + conv_specific * <scenario_vector, latent>``:
-  the first terms are shared across scenarios, the last is this scenario's own taste.
+  its own mix. Click logit = ``click_bias + click_slope * affinity + click_specific *
+  <scenario_vector, latent>``; conversion-given-click logit = ``conv_bias + conv_shared * (quality +
+  affinity) + conv_specific * <scenario_vector, latent>``: the affinity / quality terms are shared
+  across scenarios, the scenario-vector terms are this scenario's own taste (``click_specific``
+  defaults to 0, a click curve shared in form by every scenario; with it > 0 scenarios also disagree
+  on which items get clicked).
   ``search_rate``: fraction of this scenario's events that are search events (with a query).
   """
 
@@ -56,6 +59,7 @@ class ScenarioSpec:
   conv_shared: float = 1.0
   conv_specific: float = 1.5
   search_rate: float = 0.3
+  click_specific: float = 0.0
 
 
 def default_types() -> tuple[ContentTypeSpec, ...]:

@@ -32,7 +32,7 @@ import numpy as np
 from mvhan_jax.data.synthetic_config import KNOWN_ITEM_FIELDS, WorldConfig
 from mvhan_jax.data.types import InteractionData
 
-__all__ = ["SyntheticWorld", "WorldSkeleton", "generate_world", "make_skeleton",
+__all__ = ["SyntheticWorld", "WorldSkeleton", "generate_world", "make_skeleton", "true_probabilities",
            "generate_item_block", "generate_user_block", "item_vocab", "user_vocab", "PROFILE_FIELDS"]
 
 PROFILE_FIELDS = ("age", "gender", "region")
@@ -223,6 +223,25 @@ def affinity(sk: WorldSkeleton, interests: np.ndarray, latent: np.ndarray) -> np
   return np.where(interests >= 0, cos, -np.inf).max(axis=1).astype(np.float32)
 
 
+def true_probabilities(sk: WorldSkeleton, scenario: np.ndarray, aff: np.ndarray, latent: np.ndarray,
+                       quality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The ground truth of an exposure: (p(click), p(conversion | click)), each f64 [E].
+
+  ``scenario`` int [E], ``aff`` f32 [E] (`affinity`), ``latent`` f32 [E, d] and ``quality`` f32 [E]
+  of the exposed items. Logits as in `ScenarioSpec`; ``<scenario_vector, latent>`` uses the unit
+  scenario vector and the normalised item latent (a cosine).
+  """
+  s_arr = sk.config.scenarios
+  spec = np.einsum("ed,ed->e", sk.scenario_vectors[scenario], latent) / np.linalg.norm(latent, axis=1)
+  p_click = _sigmoid(np.array([s.click_bias for s in s_arr])[scenario]
+                     + np.array([s.click_slope for s in s_arr])[scenario] * aff
+                     + np.array([s.click_specific for s in s_arr])[scenario] * spec)
+  p_conv = _sigmoid(np.array([s.conv_bias for s in s_arr])[scenario]
+                    + np.array([s.conv_shared for s in s_arr])[scenario] * (quality + aff)
+                    + np.array([s.conv_specific for s in s_arr])[scenario] * spec)
+  return p_click, p_conv
+
+
 def generate_user_block(sk: WorldSkeleton, start: int, stop: int, item_latent: np.ndarray,
                         item_quality: np.ndarray) -> dict[str, np.ndarray]:
   """Users ``[start, stop)`` and their events (stream ``[seed, 3, start // user_block_size]``).
@@ -307,13 +326,8 @@ def generate_user_block(sk: WorldSkeleton, start: int, stop: int, item_latent: n
 
   lat = item_latent[item]
   aff = affinity(sk, interests[eu], lat)
-  p_click = _sigmoid(np.array([s.click_bias for s in s_arr])[scen]
-                     + np.array([s.click_slope for s in s_arr])[scen] * aff)
+  p_click, p_conv = true_probabilities(sk, scen, aff, lat, item_quality[item])
   click = r.random(E) < p_click
-  spec = np.einsum("ed,ed->e", sk.scenario_vectors[scen], lat) / np.linalg.norm(lat, axis=1)
-  p_conv = _sigmoid(np.array([s.conv_bias for s in s_arr])[scen]
-                    + np.array([s.conv_shared for s in s_arr])[scen] * (item_quality[item] + aff)
-                    + np.array([s.conv_specific for s in s_arr])[scen] * spec)
   conv = click & (r.random(E) < p_conv)
   return {
       "interests": interests, "interest_weights": w.astype(np.float32),

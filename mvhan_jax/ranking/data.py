@@ -27,12 +27,16 @@ MovieLens-100k (`movielens_ranking`):
 
 Synthetic (`synthetic_ranking`): the exposure log of `mvhan_jax.data.synthetic` (its default
 scenarios: 'feed', data-rich, mostly articles; 'reading', sparse, mostly novels; 'video', sparse,
-mostly short contents). Ground truth (`synthetic_gen`): p(click) = sigmoid(click_bias_s +
-click_slope_s * affinity), p(conversion | click) = sigmoid(conv_bias_s + conv_shared_s * (quality +
-affinity) + conv_specific_s * <scenario_vector_s, latent>), so click is shared in form with
-scenario-specific curves and conversion has a scenario-specific taste term. Per user (events are
-time-ordered), the last ``test_fraction`` of exposures are test, the ``valid_fraction`` before them
-validation, the rest training; histories are the user's earlier clicks.
+mostly short contents). Ground truth (`synthetic_gen.true_probabilities`): p(click) =
+sigmoid(click_bias_s + click_slope_s * affinity + click_specific_s * <scenario_vector_s, latent>),
+p(conversion | click) = sigmoid(conv_bias_s + conv_shared_s * (quality + affinity) + conv_specific_s
+* <scenario_vector_s, latent>): the affinity terms are shared by every scenario, the scenario-vector
+terms are each scenario's own taste. Per user (events are time-ordered), the last ``test_fraction``
+of exposures are test, the ``valid_fraction`` before them validation, the rest training; histories
+are the user's earlier clicks. Two ground-truth scorers come with it (`RankingData.oracles`):
+'true' (the generator's probabilities: the ceiling any model can reach) and 'rich_scenario' (every
+impression scored with the first, data-rich scenario's functions: what a model that ignores the
+scenario could reach at best, so the gap to 'true' is what scenario-specific modelling can win).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Mapping
 import numpy as np
 
 from mvhan_jax.data import protocol
+from mvhan_jax.data import synthetic_gen
 from mvhan_jax.data.types import FeatureSpec, InteractionData, feature_specs
 
 SPLITS = ("train", "valid", "test")
@@ -69,6 +74,9 @@ class RankingData:
   vocab: Mapping[str, int]
   splits: Mapping[str, Mapping[str, np.ndarray]]
   maxlen: int
+  # Ground-truth scorers where the data has them (the synthetic world): name -> split -> task
+  # ('ctr', 'cvr', 'ctcvr') -> probabilities [N] parallel to the split's rows (see `synthetic_ranking`).
+  oracles: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_scenarios(self) -> int:
@@ -219,14 +227,44 @@ def synthetic_ranking(world, maxlen: int = 20, valid_fraction: float = 0.1, test
   which = np.where(pos >= n[user] - n_test, 2, np.where(pos >= n[user] - n_test - n_valid, 1, 0))
   click = ev["click"].astype(np.float32)
   ctcvr = (ev["click"].astype(bool) & ev["conversion"].astype(bool)).astype(np.float32)
-  full = {"user": user, "item": item, "scenario": ev["scenario"].astype(np.int32), "history": history,
+  scenario = ev["scenario"].astype(np.int32)
+  full = {"user": user, "item": item, "scenario": scenario, "history": history,
           "history_len": hlen, "click": click, "ctcvr": ctcvr}
   splits = {name: _typed({k: v[which == s] for k, v in full.items()}) for s, name in enumerate(SPLITS)}
+  oracles = {}
+  latent, quality = world.items["latent"][item], world.items["quality"][item]
+  for oname, sc in (("true", scenario), ("rich_scenario", np.zeros_like(scenario))):
+    p_click, p_conv = synthetic_gen.true_probabilities(world.skeleton, sc, ev["affinity"], latent, quality)
+    probs = {"ctr": p_click, "cvr": p_conv, "ctcvr": p_click * p_conv}
+    oracles[oname] = {name: {k: v[which == s] for k, v in probs.items()} for s, name in enumerate(SPLITS)}
   cfg = world.config
   vocab = {**synthetic.item_vocab(cfg), **synthetic.user_vocab(cfg)}
   return RankingData("synthetic", cfg.num_users, cfg.num_items, tuple(s.name for s in cfg.scenarios),
                      {k: world.users[k] for k in synthetic.PROFILE_FIELDS},
-                     {k: world.items[k] for k in item_fields}, vocab, splits, maxlen)
+                     {k: world.items[k] for k in item_fields}, vocab, splits, maxlen, oracles)
+
+
+def world_config(world: Mapping):
+  """``config.dataset.world`` (a dict of `WorldConfig` fields; 'types' / 'scenarios', when given,
+  as sequences of `ContentTypeSpec` / `ScenarioSpec` field dicts) -> `WorldConfig`."""
+  from mvhan_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  kw = dict(world)
+  specs = {"types": synthetic.ContentTypeSpec, "scenarios": synthetic.ScenarioSpec}
+  for key, cls in specs.items():
+    if key in kw:
+      fields = {f.name for f in dataclasses.fields(cls)}
+      out = []
+      for i, spec in enumerate(kw[key]):
+        unknown = set(spec) - fields
+        if unknown:
+          raise ValueError(f"config.dataset.world.{key}[{i}] has unknown fields {sorted(unknown)}: "
+                           f"use fields of {cls.__name__} {sorted(fields)}")
+        spec = dict(spec)
+        if "fields" in spec:
+          spec["fields"] = tuple(spec["fields"])
+        out.append(cls(**spec))
+      kw[key] = tuple(out)
+  return synthetic.WorldConfig(**kw)
 
 
 def load_ranking_data(config) -> RankingData:
@@ -238,6 +276,6 @@ def load_ranking_data(config) -> RankingData:
                              d.num_negatives, d.eval_negatives, d.alpha, d.data_seed)
   if d.name == "synthetic":
     from mvhan_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    world = synthetic.generate_world(synthetic.WorldConfig(**d.world.to_dict()))
+    world = synthetic.generate_world(world_config(d.world.to_dict()))
     return synthetic_ranking(world, config.maxlen, d.valid_fraction, d.test_fraction)
   raise ValueError(f"config.dataset.name={d.name!r} is unknown: use 'movielens_100k' or 'synthetic'")
