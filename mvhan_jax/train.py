@@ -31,6 +31,7 @@ from mvhan_jax import losses
 from mvhan_jax import models
 from mvhan_jax import retrieval
 from mvhan_jax import sharding
+from mvhan_jax import sparse
 from mvhan_jax.data import pipeline
 from mvhan_jax.data import protocol
 from mvhan_jax.data import registry
@@ -148,7 +149,13 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | sparse.SparseTableAdamW:
+  """AdamW with warmup + cosine / constant schedule and global-norm clipping.
+
+  ``cfg.sparse_min_rows`` > 0: `sparse.SparseTableAdamW` instead, the same update for every
+  parameter except the `nn.Embed` tables with at least that many rows, which are updated lazily
+  (only the rows a batch looks up; mvhan_jax/sparse.py).
+  """
   warmup = max(min(cfg.warmup_steps, total_steps - 1), 1)
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
@@ -157,6 +164,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
   else:
     raise ValueError(f"config.optimizer.schedule={cfg.schedule!r} is unknown: use 'cosine' or 'constant'")
+  min_rows = cfg.get("sparse_min_rows", 0)
+  if min_rows < 0:
+    raise ValueError(f"config.optimizer.sparse_min_rows={min_rows}: use 0 (off) or a row count")
+  if min_rows:
+    return sparse.SparseTableAdamW(lr, cfg.weight_decay, cfg.grad_clip, min_rows)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
       optax.adamw(lr, weight_decay=cfg.weight_decay),
@@ -284,6 +296,9 @@ def make_train_step(exp: Experiment, tx) -> Callable:
       return loss.mean() + aux["aux_loss"], aux
     return loss.mean(), aux
 
+  if isinstance(tx, sparse.SparseTableAdamW):
+    return _sparse_train_step(tx, loss_fn)
+
   @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, batch, tables, key):
     rng = jax.random.fold_in(key, state.step)
@@ -291,6 +306,22 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _sparse_train_step(tx: sparse.SparseTableAdamW, loss_fn: Callable) -> Callable:
+  """The train step with lazy row updates of the large tables (mvhan_jax/sparse.py): the loss is
+  differentiated w.r.t. the other parameters and the looked-up rows, never w.r.t. a whole table."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch, tables, key):
+    rng = jax.random.fold_in(key, state.step)
+    paths = tx.paths(state.params)  # static: decided by parameter shapes at trace time
+    metrics, dense_grads, rows = sparse.grads_by_rows(loss_fn, state.params, paths, batch, tables, rng)
+    params, opt_state, norm = tx.update(state.step, dense_grads, rows, state.opt_state, state.params)
+    metrics["grad_norm"] = norm
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
