@@ -67,6 +67,33 @@ def test_merge_interests_matches_python_reference():
     assert len(set(live.tolist())) == len(live)
 
 
+@pytest.mark.parametrize("k", [3, 8, 40])
+def test_merge_interests_packed_keys_keep_float_order(k):
+  # The merge packs (item, score) into uint64 keys: negative scores, -0.0 vs 0.0, denormals and
+  # large ids must keep the reference's order; k above K * k' pads with -1 / -inf.
+  rng = np.random.default_rng(k)
+  q, kint, per = 50, 4, 6
+  ids = rng.integers(0, 12, size=(q, kint, per))
+  ids[:, :, 0] = 2**31 - 2 - rng.integers(0, 3, size=(q, kint))
+  ids[rng.random(ids.shape) < 0.1] = -1
+  values = np.array([-np.inf, -3.5, -1e-40, -0.0, 0.0, 1e-40, 0.25, 7.0], np.float32)
+  scores = values[rng.integers(0, len(values), size=ids.shape)]
+  scores[rng.random(ids.shape) < 0.05] = np.nan
+  mask = rng.random((q, kint)) < 0.8
+  got_ids, got_scores = retrieval.merge_interests(ids, scores, mask, k)
+  # NaN-scored entries are dropped like padding.
+  ref_ids, ref_scores = _merge_reference(np.where(np.isnan(scores), -1, ids), scores, mask, k)
+  np.testing.assert_array_equal(got_ids, ref_ids)
+  np.testing.assert_array_equal(got_scores, ref_scores)
+  assert (np.signbit(got_scores[got_scores == 0]) == False).all()  # -0.0 and 0.0 merge as 0.0
+  assert got_ids.shape == (q, k) and got_ids.dtype == np.int32 and got_scores.dtype == np.float32
+
+
+def test_merge_interests_rejects_ids_beyond_int32():
+  with pytest.raises(ValueError, match="int32 item ids"):
+    retrieval.merge_interests(np.full((1, 1, 1), 2**31 - 1), np.zeros((1, 1, 1)))
+
+
 def test_merge_interests_hand_example():
   ids = np.array([[[7, 3, -1], [3, 9, 7]]])
   scores = np.array([[[0.9, 0.5, 0.0], [0.8, 0.5, 0.1]]], np.float32)
