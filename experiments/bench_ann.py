@@ -11,12 +11,15 @@ The recorded 10^6 run (two commands, one JSON; about 20 + 12 min on a loaded 2-c
 Small run (a couple of minutes):
   python experiments/bench_ann.py --num_items=100000 --num_queries=5000 --hnsw_m=16
 
-Two item sources, each --num_items x --dim float32:
+Three item sources, each --num_items x --dim float32:
   world      the synthetic world's item latents (`make_skeleton` + `generate_item_block`, with
              d_latent = --dim so no projection is needed): unit topic vectors + N(0, 0.5^2 / d)
              noise, topics drawn from the world's Dirichlet topic prior.
   gaussian   control: 1,000 centres ~ N(0, I / d) with Zipf(1.1) cluster sizes + N(0, 0.7^2 / d).
-Queries (--num_queries): user-like vectors, a Dirichlet mixture of 1-4 topic / centre vectors +
+  trained    a trained MIND's item vectors and its users' interests (--trained_config,
+             --trained_workdir; default experiments/configs/mind_synthetic_1m.py, whose docstring
+             has the training command): queries are real model outputs, not generated.
+Queries (--num_queries; world and gaussian): user-like vectors, a Dirichlet mixture of 1-4 topic / centre vectors +
 noise; and multi-interest queries [Q, K = 4, D] with a mask (1-4 live interests, each a topic
 vector + noise) merged by max score (`retrieval.merge_interests`).
 
@@ -89,6 +92,37 @@ def gaussian_items(num_items: int, dim: int, num_centres: int, seed: int):
     c = rng.choice(num_centres, size=stop - start, p=prior)
     out[start:stop] = centres[c] + (0.7 / np.sqrt(dim)) * rng.standard_normal((stop - start, dim))
   return out, centres, prior
+
+
+def trained_vectors(config_path: str, workdir: str, num_queries: int, seed: int):
+  """Item vectors [N, D] and queries of a trained multi-interest model (its best checkpoint).
+
+  Multi-interest queries: the model's [Q, K, D] interests and live mask for the validation and
+  test users (the first ``num_queries``); single queries: ``num_queries`` live interests of those
+  users drawn at random (each one a query a serving system issues).
+  """
+  from mvhan_jax import configs, train  # pylint: disable=g-import-not-at-top
+  exp = train.build_experiment(configs.load_config(config_path))
+  params, step = train.restore_params(workdir, exp)
+  items = train.encode_items(exp, params)
+  vecs, masks = [], []
+  for split in ("valid", "test"):
+    v, m = train.encode_users(exp, params, exp.eval_sets[split])
+    if m is None:
+      raise ValueError(f"--trained_workdir={workdir!r} holds a single-vector model: the benchmark "
+                       "needs a multi-interest one (e.g. experiments/configs/mind_synthetic_1m.py)")
+    vecs.append(v)
+    masks.append(m)
+  multi, mask = np.concatenate(vecs)[:num_queries], np.concatenate(masks)[:num_queries]
+  if multi.shape[1] != _MAX_INTERESTS:
+    raise ValueError(f"the trained model has K = {multi.shape[1]} interests; the benchmark uses "
+                     f"{_MAX_INTERESTS}")
+  live = multi[mask]
+  single = live[np.random.default_rng(seed).permutation(len(live))[:num_queries]]
+  _log(f"trained vectors from {workdir} (step {step}): {items.shape[0]:,} items, "
+       f"{len(multi):,} users, {mask.sum(1).mean():.2f} live interests per user")
+  return (np.ascontiguousarray(items, np.float32), np.ascontiguousarray(single, np.float32),
+          np.ascontiguousarray(multi, np.float32), mask)
 
 
 def user_queries(topics: np.ndarray, prior: np.ndarray, num_queries: int, seed: int):
@@ -460,6 +494,10 @@ def main():
                  help="queries the exact JAX search is timed on")
   p.add_argument("--sources", default="world,gaussian")
   p.add_argument("--world_topics", type=int, default=200)
+  p.add_argument("--trained_config", default="experiments/configs/mind_synthetic_1m.py",
+                 help="source 'trained': the config of the trained model")
+  p.add_argument("--trained_workdir", default="runs/mind_synth_1m",
+                 help="source 'trained': its workdir (train it with mvhan-train first)")
   p.add_argument("--scann_leaves", default=None,
                  help="comma list of tree sizes (default sqrt(n) and 2 sqrt(n))")
   p.add_argument("--leaf_fracs", default="0.005,0.01,0.02,0.04,0.08",
@@ -494,14 +532,21 @@ def main():
                  args={k: v for k, v in vars(args).items()}, started=time.strftime("%F %T"),
                  load_start=os.getloadavg(), sources=[])
   for src in args.sources.split(","):
-    _log(f"source {src}: generating {args.num_items} x {args.dim}")
-    if src == "world":
-      items, topics, prior = world_items(args.num_items, args.dim, args.world_topics, args.seed)
-    elif src == "gaussian":
-      items, topics, prior = gaussian_items(args.num_items, args.dim, 1000, args.seed)
+    _log(f"source {src}: {args.num_items} x {args.dim}")
+    if src == "trained":
+      items, single, multi, mask = trained_vectors(args.trained_config, args.trained_workdir,
+                                                   args.num_queries, args.seed + 1)
+      if items.shape != (args.num_items, args.dim):
+        raise ValueError(f"the trained model has {items.shape[0]} x {items.shape[1]} item vectors: "
+                         f"pass --num_items={items.shape[0]} --dim={items.shape[1]}")
     else:
-      raise ValueError(f"--sources: unknown source {src!r}; use world and/or gaussian")
-    single, multi, mask = user_queries(topics, prior, args.num_queries, args.seed + 1)
+      if src == "world":
+        items, topics, prior = world_items(args.num_items, args.dim, args.world_topics, args.seed)
+      elif src == "gaussian":
+        items, topics, prior = gaussian_items(args.num_items, args.dim, 1000, args.seed)
+      else:
+        raise ValueError(f"--sources: unknown source {src!r}; use world, gaussian and/or trained")
+      single, multi, mask = user_queries(topics, prior, args.num_queries, args.seed + 1)
     gt_n = args.recall_queries
     gt_single, gt_multi, rows = bench_exact(items, single, multi, mask, gt_n, args)
     rows += bench_scann(items, single, multi, mask, gt_single, gt_multi, args)
