@@ -1,6 +1,7 @@
 r"""Training throughput of each retrieval model: compile time and examples/s of the jitted train step.
 
   python experiments/bench_train.py --models=two_tower,mind,mind_1,comirec_dr,comirec_sa --batch_sizes=128,1024
+  python experiments/bench_train.py --models= --table_rows=10000,100000,1000000   # step vs table size
 
 MovieLens-100k training examples at maxlen 50, d = 64, K = 4 interests, sampled softmax with 1024
 shared negatives. The input pipeline is included (Grain batches from memory with prefetch), so the
@@ -36,10 +37,13 @@ CONFIGS = {
     "comirec_sa": "mind_ml100k.py:model=comirec_sa",
     "mvhan": "mvhan_ml100k.py",
     "mv_dnn": "mvhan_ml100k.py:model=mv_dnn",
+    "multitower": "multitower_ml100k.py",
 }
 flags.DEFINE_list("models", list(CONFIGS), f"Models to time: {sorted(CONFIGS)}.")
 flags.DEFINE_list("batch_sizes", ["128", "1024"], "Batch sizes.")
 flags.DEFINE_integer("steps", 50, "Timed steps after the compile step.")
+flags.DEFINE_list("table_rows", [], "Also time a two-tower step against the item-table size: rows, e.g. "
+                  "10000,100000,1000000 (random ids, batch 256, 1,024 negatives), dense AdamW vs lazy rows.")
 flags.DEFINE_string("out_dir", "experiments/results/bench", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
@@ -76,10 +80,57 @@ def bench(name: str, batch_size: int) -> dict:
           "params": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
+def bench_table_size(rows: int, optimizer: str, steps: int = 20, batch_size: int = 256) -> dict:
+  """Two-tower train step (d = 64, history 20) with an item table of ``rows`` rows: dense AdamW
+  (the whole table, both moments and a dense gradient every step) vs `sparse.SparseTableAdamW`."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import losses  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.data.types import FeatureSpec  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.models.two_tower import TwoTower  # pylint: disable=import-outside-toplevel
+  model = TwoTower(num_items=rows, user_specs=(FeatureSpec("bucket", "categorical", 8),),
+                   item_specs=(FeatureSpec("genre", "categorical", 20),), dim=64, hidden=(128,))
+  rng = np.random.default_rng(0)
+  n_ex = (steps + 1) * batch_size
+  source = pipeline.ArraySource({
+      "user": rng.integers(0, 1000, n_ex).astype(np.int32),
+      "history": rng.integers(0, rows, (n_ex, 20)).astype(np.int32),
+      "history_len": rng.integers(1, 21, n_ex).astype(np.int32),
+      "target": rng.integers(0, rows, n_ex).astype(np.int32)})
+  tables = {"user": {"bucket": jax.numpy.asarray(np.arange(1000, dtype=np.int32) % 8)},
+            "item": {"genre": jax.numpy.asarray(rng.integers(0, 20, rows).astype(np.int32))}}
+  cfg = ml_collections.ConfigDict({
+      "loss": {"kind": "sampled_softmax", "num_negatives": 1024, "logq": True, "remove_accidental_hits": True,
+               "temperature": 0.1},
+      "optimizer": {"lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant", "warmup_steps": 1,
+                    "final_lr_fraction": 1.0, "grad_clip": 1.0,
+                    "sparse_min_rows": 1 if optimizer == "sparse" else 0}})
+  exp = train.Experiment(cfg, None, None, source, {}, model, tables, losses.make_sampler("uniform", np.ones(rows), 0.75))
+  tx = train.make_optimizer(cfg.optimizer, 10_000)
+  key = jax.random.key(0)
+  state = train.init_state(exp, tx, key)
+  step_fn = train.make_train_step(exp, tx)
+  ds = pipeline.train_batches(source, batch_size, seed=0)
+  batches = [ds[i] for i in range(steps + 1)]
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batches[0], tables, key)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  c0, t0 = time.process_time(), time.perf_counter()
+  for b in batches[1:]:
+    state, metrics = step_fn(state, b, tables, key)
+  jax.block_until_ready(metrics)
+  dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+  return {"model": "two_tower", "table_rows": rows, "optimizer": optimizer, "batch_size": batch_size,
+          "compile_plus_first_step_s": compile_s, "step_ms": 1000 * dt / steps, "cpu_ms_per_step": 1000 * cpu / steps,
+          "examples_per_s": steps * batch_size / dt}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   rows = [bench(m, int(b)) for m in FLAGS.models for b in FLAGS.batch_sizes]
+  table_rows = [bench_table_size(int(n), opt) for n in FLAGS.table_rows for opt in ("dense", "sparse")]
   machine = report.machine_description()
   print(f"\nMachine: {machine}\n")
   print("| model | batch | examples/s | step ms | compile + first step s | params |")
@@ -87,10 +138,17 @@ def main(argv):
   for r in rows:
     print(f"| {r['model']} | {r['batch_size']} | {r['examples_per_s']:,.0f} | {r['step_ms']:.1f} | "
           f"{r['compile_plus_first_step_s']:.1f} | {r['params']:,} |")
+  if table_rows:
+    print("\n| item-table rows | optimizer | step ms | CPU ms / step | examples/s | compile + first step s |")
+    print("|---|---|---|---|---|---|")
+    for r in table_rows:
+      print(f"| {r['table_rows']:,} | {r['optimizer']} | {r['step_ms']:.1f} | {r['cpu_ms_per_step']:.1f} | "
+            f"{r['examples_per_s']:,.0f} | {r['compile_plus_first_step_s']:.1f} |")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   tag = f"{jax.devices()[0].platform}_{platform.machine()}_{os.cpu_count()}cores"
   with open(os.path.join(FLAGS.out_dir, f"train_{tag}.json"), "w") as f:
-    json.dump({"machine": machine, "jax": jax.__version__, "command": " ".join(["python"] + sys.argv), "rows": rows}, f, indent=2)
+    json.dump({"machine": machine, "jax": jax.__version__, "load_average": os.getloadavg(),
+               "command": " ".join(["python"] + sys.argv), "rows": rows, "table_rows": table_rows}, f, indent=2)
 
 
 if __name__ == "__main__":
