@@ -94,7 +94,8 @@ experiments/results/mvhan_ml100k.md.
 Reference points on this exact protocol (from the project's issue tracker, not produced here): a
 matrix-factorization BPR peer reaches HR@10 0.081 / HR@50 0.302; GRU4Rec 0.108 HR@10.
 """
-  report.write_markdown(FLAGS.out, text)
+  # Sections other scripts own (e.g. SEMINAR's, written by experiments/seminar_table.py) are kept.
+  report.write_markdown(FLAGS.out, text + report.kept_sections(FLAGS.out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-r"""SEMINAR ablations: experiments/results/seminar_synthetic.md (or seminar_ml100k.md with --dataset=ml100k).
+r"""SEMINAR ablations: experiments/results/seminar_synthetic.md (or seminar_ml100k.md with --dataset=ml100k,
+which also writes the SEMINAR section of experiments/results/ml100k.md).
 
   python experiments/seminar_table.py --seeds=0,1,2
   python experiments/seminar_table.py --dataset=ml100k --seeds=0,1,2 --rows=psu,nopretrain
@@ -6,14 +7,16 @@ r"""SEMINAR ablations: experiments/results/seminar_synthetic.md (or seminar_ml10
 
 Rows (config arguments of experiments/configs/seminar_<dataset>.py): no pretraining; PSU
 pretraining (all three objectives); PSU without each objective in turn; exact vs PQ GSU top-K at
-finetuning x at inference. Each run's workdir is under --workdir_root (finished runs are only
-re-evaluated, interrupted ones resume). Test metrics of the best-by-validation (sampled NDCG@10)
-checkpoint; "full" = ranked against every item with the history excluded, "sampled" = against 99
-random unseen items (the paper's protocol, biased upwards).
-"""
+finetuning x at inference (two trainings, each served with both attentions, see RUNS). Each run's
+workdir is under --workdir_root: a finished run with the same config is read from its
+results.json (--reevaluate re-evaluates it), an interrupted one resumes, so the script can be
+stopped and rerun. Test metrics of the best-by-validation (sampled NDCG@10) checkpoint; plain
+columns = ranked against every item with the history excluded, "sampled" = against 99 random
+unseen items (the paper's protocol, biased upwards)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -35,24 +38,38 @@ flags.DEFINE_list("rows", [], "Row keys to run (default: all); see ROWS.")
 flags.DEFINE_list("extra", [], "Config overrides field=value applied to every run, e.g. train.num_epochs=1.")
 flags.DEFINE_string("out", "", "Markdown file (default experiments/results/seminar_<dataset>.md).")
 flags.DEFINE_string("workdir_root", "runs/seminar_table", "Where each run's workdir goes.")
+flags.DEFINE_bool("reevaluate", False, "Re-evaluate finished workdirs instead of reading their results.json.")
+flags.DEFINE_string("ml100k_section", "experiments/results/ml100k.md",
+                    "With --dataset=ml100k: also write the SEMINAR section of this file ('' = no).")
 FLAGS = flags.FLAGS
 
-# key -> (row name, config arguments)
-ROWS = {
-    "nopretrain": ("SEMINAR, no pretraining", "nopretrain"),
-    "psu": ("SEMINAR, PSU pretraining (next + align + relevance)", ""),
-    "no_next": ("PSU without next-pair prediction", "no_next"),
-    "no_align": ("PSU without multi-modal alignment", "no_align"),
-    "no_rel": ("PSU without query-item relevance", "no_rel"),
-    "exact_pq": ("PSU, exact top-K at finetuning, PQ at inference", "eval_attention=pq"),
-    "pq_pq": ("PSU, PQ top-K at finetuning and inference", "attention=pq"),
-    "pq_exact": ("PSU, PQ top-K at finetuning, exact at inference", "attention=pq,eval_attention=exact"),
+# Training runs: key -> config arguments. The exact and PQ runs' final evaluation serves the best
+# checkpoint with both GSU attentions (`eval.extra_attentions`), so the four exact / PQ cells come
+# from two trainings; the PQ run restores the PSU of the 'psu' run of the same seed (the same
+# pretraining config and seed give the same checkpoint) instead of pretraining again.
+RUNS = {
+    "nopretrain": "nopretrain",
+    "psu": "",
+    "no_next": "no_next",
+    "no_align": "no_align",
+    "no_rel": "no_rel",
+    "pq": "attention=pq",
 }
-METRICS = ("full/HR@10", "full/NDCG@10", "sampled/HR@10", "sampled/NDCG@10", "sampled/MRR")
-HEADERS = ("HR@10 (full)", "NDCG@10 (full)", "HR@10 (sampled, 99 neg.)", "NDCG@10 (sampled, 99 neg.)",
-           "MRR (sampled, 99 neg.)")
-
-
+SHARE_PSU = {"pq": "psu"}
+# Table rows: key -> (row name, run key, inference attention ('' = the run's own)).
+ROWS = {
+    "nopretrain": ("SEMINAR, no pretraining", "nopretrain", ""),
+    "psu": ("SEMINAR, PSU pretraining (next + align + relevance)", "psu", ""),
+    "no_next": ("PSU without next-pair prediction", "no_next", ""),
+    "no_align": ("PSU without multi-modal alignment", "no_align", ""),
+    "no_rel": ("PSU without query-item relevance", "no_rel", ""),
+    "exact_pq": ("PSU, exact top-K at finetuning, PQ at inference", "psu", "pq"),
+    "pq_pq": ("PSU, PQ top-K at finetuning and inference", "pq", ""),
+    "pq_exact": ("PSU, PQ top-K at finetuning, exact at inference", "pq", "exact"),
+}
+METRICS = ("full/HR@10", "full/NDCG@10", "full/HR@50", "full/NDCG@50", "full/MRR",
+           "sampled/HR@10", "sampled/NDCG@10", "sampled/MRR")
+HEADERS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "sampled HR@10", "sampled NDCG@10", "sampled MRR")
 def _override(cfg, item: str):
   field, _, value = item.partition("=")
   *path, name = field.split(".")
@@ -63,6 +80,44 @@ def _override(cfg, item: str):
   node[name] = type(old)(value) if old is not None and not isinstance(old, bool) else (value == "True" if isinstance(old, bool) else value)
 
 
+def write_ml100k_section(rows, keys, cmd):
+  """The SEMINAR block of experiments/results/ml100k.md (its other rows are not rerun)."""
+  names = [ROWS[k][0] for k in keys if ROWS[k][1] in ("psu", "nopretrain") and not ROWS[k][2]]
+  table = report.mean_std_table({n: rows[n] for n in names}, HEADERS)
+  body = f"""## SEMINAR (target-aware ranking model, `mvhan_jax/seminar/`)
+
+The same protocol and users; each of the 1,682 items is scored as SEMINAR's target (one GSU/ESU pass
+per user x item), the user's history excluded, the target never. "sampled": against the paper's 99
+random unseen items (biased upwards; not comparable with the rows above). Test metrics of the
+best-by-validation (sampled NDCG@10) checkpoint. Config: experiments/configs/seminar_ml100k.py
+(its docstring says why its negatives and training targets differ from the synthetic world's).
+
+{table}
+
+Produced by (its own workdirs; the rows above are not rerun):
+
+```bash
+{cmd}
+```
+
+Machine: {report.machine_description()}. The ablation rows: experiments/results/seminar_ml100k.md.
+"""
+  report.write_section(FLAGS.ml100k_section, "seminar", body)
+
+
+def _cached_or_run(cfg, workdir, data):
+  """results.json of a finished workdir with this exact config; else train (or resume) and evaluate."""
+  res_path, cfg_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "config.json")
+  if not FLAGS.reevaluate and os.path.exists(res_path) and os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      same = json.load(f) == json.loads(cfg.to_json_best_effort())
+    with open(res_path) as f:
+      res = json.load(f)
+    if same and all(a in res.get("test_by_attention", {}) for a in cfg.eval.extra_attentions):
+      return res
+  return strain.train_and_evaluate(cfg, workdir, data)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -71,32 +126,46 @@ def main(argv):
   unknown = set(keys) - set(ROWS)
   if unknown:
     raise ValueError(f"--rows: unknown {sorted(unknown)}; known {list(ROWS)}")
-  rows, timing, data = {}, {}, None
-  for key in keys:
-    name, args = ROWS[key]
-    rows[name] = []
-    for seed in map(int, FLAGS.seeds):
+  runs = [r for r in RUNS if any(ROWS[k][1] == r for k in keys)]
+  extra = {r: tuple(sorted({ROWS[k][2] for k in keys if ROWS[k][1] == r and ROWS[k][2]})) for r in runs}
+  results, timing, data = {}, {}, None
+  for seed in map(int, FLAGS.seeds):  # seed-major: a complete one-seed table comes first
+    for run in runs:                   # RUNS order: 'psu' before the 'pq' run that reuses its PSU
+      args = RUNS[run]
       cfg = load_config(f"{conf}:{args}" if args else conf)
       cfg.seed = seed
       for item in FLAGS.extra:
         _override(cfg, item)
+      cfg.eval.extra_attentions = extra[run]
+      root = os.path.join(FLAGS.workdir_root, FLAGS.dataset)
+      shared = os.path.join(root, SHARE_PSU.get(run, ""), f"seed{seed}", "psu", "final")
+      if run in SHARE_PSU and os.path.isdir(shared) and cfg.pretrain.enabled and not cfg.pretrain.checkpoint:
+        cfg.pretrain.checkpoint = shared
       data = data or sdata.load_data(cfg)  # the world depends on dataset.* only, never on the row
-      workdir = os.path.join(FLAGS.workdir_root, FLAGS.dataset, key, f"seed{seed}")
-      res = strain.train_and_evaluate(cfg, workdir, data)
-      rows[name].append({h: res["test"][m] for m, h in zip(METRICS, HEADERS)})
-      timing.setdefault(name, []).append(res["seconds"]["total"])
-      print(f"{name} seed {seed}: {rows[name][-1]} ({res['seconds']['total']:.0f} s)", flush=True)
+      res = _cached_or_run(cfg, os.path.join(root, run, f"seed{seed}"), data)
+      results[run, seed] = res
+      timing.setdefault(run, []).append(res["seconds"]["total"])
+      print(f"{run} seed {seed}: test {res['test']} ({res['seconds']['total']:.0f} s)", flush=True)
+  rows = {}
+  for key in keys:
+    name, run, att = ROWS[key]
+    for seed in map(int, FLAGS.seeds):
+      res = results[run, seed]
+      test = res["test_by_attention"][att] if att else res["test"]
+      rows.setdefault(name, []).append({h: test[m] for m, h in zip(METRICS, HEADERS)})
   table = report.mean_std_table(rows, HEADERS)
   seeds = ",".join(FLAGS.seeds)
   out = FLAGS.out or f"experiments/results/seminar_{FLAGS.dataset}.md"
   cmd = f"python experiments/seminar_table.py --dataset={FLAGS.dataset} --seeds={seeds}" + (
       f" --rows={','.join(keys)}" if FLAGS.rows else "") + (f" --extra={','.join(FLAGS.extra)}" if FLAGS.extra else "")
   secs = ", ".join(f"{n}: {sum(t) / len(t):.0f} s" for n, t in timing.items())
+  if FLAGS.ml100k_section and FLAGS.dataset == "ml100k":
+    write_ml100k_section(rows, keys, cmd)
   text = f"""# SEMINAR ({FLAGS.dataset}), leave-one-out
 
 Protocol: per user, events in time order; the last event's item is the test target, the one before
-the validation target. "full": the target ranked against every item of the catalogue (each scored
-as the model's target), the user's history excluded, ties pessimistic. "sampled": against 99 random
+the validation target. HR / NDCG / MRR: the target ranked against every item of the catalogue (each
+scored as the model's target), the user's history excluded, ties pessimistic. "sampled": against 99 random
 items the user never interacted with (the SEMINAR paper's protocol; biased upwards). Test metrics
 of the best-by-validation (sampled NDCG@10) checkpoint; mean ± std (sample std) over seeds {seeds}.
 Config: {conf} (its docstring has the world / data sizes).

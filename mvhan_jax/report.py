@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +34,30 @@ def write_markdown(path: str, text: str) -> None:
   with open(path, "w") as f:
     f.write(text)
   print(text)
+
+
+_SECTION = re.compile(r"<!-- begin (\S+) -->\n.*?<!-- end \1 -->\n", re.S)
+
+
+def write_section(path: str, name: str, body: str) -> None:
+  """Replaces (or appends) the block ``<!-- begin name -->`` ... ``<!-- end name -->`` of a results
+  file, so that a second script can own part of a table file another script writes."""
+  block = f"<!-- begin {name} -->\n{body.rstrip()}\n<!-- end {name} -->\n"
+  text = open(path).read() if os.path.exists(path) else ""
+  found = [m for m in _SECTION.finditer(text) if m.group(1) == name]
+  if found:
+    text = text[:found[0].start()] + block + text[found[0].end():]
+  else:
+    text = text.rstrip("\n") + ("\n\n" if text else "") + block
+  write_markdown(path, text)
+
+
+def kept_sections(path: str) -> str:
+  """The ``write_section`` blocks of an existing results file (for a script that rewrites the file
+  around them), each preceded by a blank line; '' when there are none."""
+  if not os.path.exists(path):
+    return ""
+  return "".join("\n" + m.group(0) for m in _SECTION.finditer(open(path).read()))
 
 
 def machine_description() -> str:

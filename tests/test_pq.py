@@ -208,6 +208,44 @@ def test_multimodal_pq_equals_exact_on_decoded_keys(multimodal):
   assert np.corrcoef(exact, approx)[0, 1] > 0.9
 
 
+def test_pair_pq_scores_equal_exact_on_decoded_pair_keys(multimodal):
+  """SEMINAR's pair keys from catalogue codes: alpha * mean(decoded keywords) + (1 - alpha) *
+  decoded item for a search event, the decoded item for a browsing one; checked against a NumPy
+  loop over positions, and the look-ups against a hand sum for one position."""
+  q, keys, w, cbs, codes = multimodal
+  rng = np.random.default_rng(11)
+  nq, alpha = 3, 0.4
+  kw_vecs, _, _ = _clustered(20, 200, D, 8)
+  kw_cb = pq.train_pq(jax.random.key(4), kw_vecs, C, num_centroids=K, iters=5)
+  kw_codes = np.asarray(pq.encode(kw_cb, kw_vecs[rng.integers(0, 200, (B, L, nq))]))  # [B, L, Q, C]
+  kmask = rng.random((B, L, nq)) < 0.4
+  kmask[:, :10] = False                                       # browsing events
+  got = np.asarray(pq.pair_pq_scores(q, codes, kw_codes, kmask, cbs, kw_cb, w, alpha, chunk=64))
+  item_dec = np.asarray(pq.multimodal_decode(cbs, codes))     # [B, L, M, D]
+  kw_dec = np.asarray(pq.decode(kw_cb, kw_codes))             # [B, L, Q, D]
+  ref = np.zeros((B, H, L))
+  for b, l in itertools.product(range(B), range(L)):
+    n = kmask[b, l].sum()
+    key = item_dec[b, l]
+    if n:
+      key = alpha * kw_dec[b, l][kmask[b, l]].mean(0)[None] + (1 - alpha) * key
+    for h in range(H):
+      ref[b, h, l] = sum(w[i] * w[j] * q[b, h, i] @ key[j] for i in range(M) for j in range(M))
+  assert kmask[:, 10:].any(-1).mean() > 0.5 and not kmask[:, :10].any()
+  _close(got, ref)
+  # One search position by hand from the tables: item look-ups weighted by w_j, keyword look-ups
+  # averaged over the live keywords.
+  b, h = 1, 2
+  l = int(np.flatnonzero(kmask[b].any(-1))[0])
+  qw = np.einsum("md,m->d", q[b, h], w)
+  cb, kcb = np.asarray(cbs), np.asarray(kw_cb)
+  s = D // C
+  item = sum(w[j] * qw[c * s:(c + 1) * s] @ cb[j, c, codes[b, l, j, c]] for j in range(M) for c in range(C))
+  live = np.flatnonzero(kmask[b, l])
+  query = np.mean([sum(qw[c * s:(c + 1) * s] @ kcb[c, kw_codes[b, l, t, c]] for c in range(C)) for t in live])
+  assert np.isclose(got[b, h, l], (1 - alpha) * item + alpha * query, rtol=1e-5)
+
+
 def test_multimodal_weights_shape_checked(multimodal):
   q, keys, _, _, _ = multimodal
   with pytest.raises(ValueError, match="w"):

@@ -1,7 +1,14 @@
 """SEMINAR: the InfoNCE forms against hand-computed values, PSU learning signal, the pretrained
-embedder restore and freeze, GSU top-K masking, full-corpus ranks against brute force, config checks."""
+embedder restore and freeze, GSU top-K masking, exact and PQ scores, full-corpus ranks against brute
+force, config checks, a kill -9 and resume."""
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +16,12 @@ import numpy as np
 import pytest
 
 from mvhan_jax.configs import load_config
+from mvhan_jax.models import pq
 from mvhan_jax.seminar import data as sdata
 from mvhan_jax.seminar import losses
 from mvhan_jax.seminar import train as strain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _np_log_softmax(z):
@@ -146,7 +156,7 @@ def test_restore_loads_pretrained_embedder_and_freeze_keeps_it(smoke, tmp_path):
   step = strain.make_train_step(exp, tx)
   before = jax.tree.map(np.asarray, state.params)
   for i in range(3):
-    state, _ = step(state, src.take(np.arange(16 * i, 16 * i + 16)), exp.tables, jax.random.key(2))
+    state, _ = step(state, src.take(np.arange(16 * i, 16 * i + 16)), exp.tables, jax.random.key(2), exp.negatives)
   for a, b in zip(jax.tree.leaves(before["params"]["embedder"]), jax.tree.leaves(state.params["params"]["embedder"])):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert not np.allclose(before["params"]["w_query"], np.asarray(state.params["params"]["w_query"]))
@@ -173,13 +183,24 @@ def test_topk_shapes_and_padding_never_attended(smoke):
   other["history_item"] = hi
   l2 = exp.model.apply(state.params, other, cand, exp.tables, None, "exact")
   np.testing.assert_allclose(np.asarray(l2), np.asarray(logits), rtol=1e-5, atol=1e-6)
-  # The PQ path: same shapes; its two scorings (table look-ups, decoded keys) select alike.
+  # The PQ path: same shapes and masks; its two scorings (table look-ups of the catalogue codes,
+  # dot products with the decoded pair keys) give the same scores, close to the exact ones.
   cb = strain.train_codebooks(exp, state.params, jax.random.key(3))
+  m, d = len(exp.data.modality_names), cfg.model.dim
+  assert cb.shape == (m + 1, cfg.model.pq_subspaces, cfg.model.pq_centroids, d // cfg.model.pq_subspaces)
   lut_model = exp.model.clone(pq_scoring="lut")
   _, (i1, v1) = exp.model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
   _, (i2, v2) = lut_model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
-  assert np.array_equal(np.asarray(v1), valid)
-  assert np.mean(np.sort(np.asarray(i1), -1) == np.sort(np.asarray(i2), -1)) > 0.95
+  assert i1.shape == idx.shape and np.array_equal(np.asarray(v1), valid) and np.array_equal(np.asarray(v2), valid)
+  q = jax.random.normal(jax.random.key(4), (4, 2, m, d))
+  scores = {s: mdl.apply(state.params, q, batch, cb, exp.tables, method=type(mdl).pq_scores)
+            for s, mdl in (("decoded", exp.model), ("lut", lut_model))}
+  scale = float(jnp.abs(scores["decoded"]).max())
+  np.testing.assert_allclose(np.asarray(scores["lut"]), np.asarray(scores["decoded"]), rtol=0, atol=1e-5 * scale)
+  keys, _, _ = exp.model.apply(state.params, batch, exp.tables, method=type(exp.model).encode_history)
+  w = state.params["params"]["embedder"]["gate_logits"]
+  exact = pq.multimodal_exact_scores(q, keys, jax.nn.softmax(w))
+  assert np.corrcoef(np.asarray(exact).ravel(), np.asarray(scores["decoded"]).ravel())[0, 1] > 0.95
 
 
 def test_full_corpus_ranks_equal_brute_force():
@@ -213,7 +234,42 @@ def test_evaluate_full_corpus_matches_scoring_every_item(smoke):
   np.testing.assert_allclose(m["full/HR@10"], want_hr, atol=1.5 / len(eq))
 
 
+def test_popularity_negatives_and_their_nce_correction(smoke):
+  cfg, exp = smoke
+  assert np.abs(np.asarray(exp.negatives["log_nq"])).max() < 1e-5          # uniform: no correction
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.negatives, cfg.train.negative_power = "popularity", 0.5
+  pexp = strain.build_experiment(cfg, exp.data)
+  d = exp.data
+  counts = np.bincount(d.item[strain._training_events(d)], minlength=d.num_items)
+  q = np.sqrt(counts + 1.0) / np.sqrt(counts + 1.0).sum()
+  np.testing.assert_allclose(np.asarray(pexp.negatives["log_nq"]), np.log(d.num_items * q), rtol=1e-4, atol=1e-5)
+  batch = {"target": jnp.zeros((50_000,), jnp.int32)}
+  cand, valid = strain._candidates(batch, jax.random.key(0), pexp.negatives["cdf"], 4)
+  freq = np.bincount(np.asarray(cand[:, 1:]).ravel(), minlength=d.num_items) / 200_000
+  # Draws follow Q (L1 sampling noise ~0.04 here), not the uniform distribution.
+  assert np.abs(freq - q).sum() < 0.08 < 0.5 * np.abs(freq - 1.0 / d.num_items).sum()
+  assert np.array_equal(np.asarray(valid[:, 1:]), np.asarray(cand[:, 1:]) != 0)
+  # The logit subtracts log(N Q(i)): a popular item's logit is lowered, a rare one's raised.
+  log_nq = jnp.log(jnp.array([2.0, 0.5, 1.0]))
+  got = strain.nce_logits(jnp.array([[1.0, 1.0, 1.0]]), jnp.array([[0, 1, 2]]), log_nq)
+  np.testing.assert_allclose(np.asarray(got), [[1 - np.log(2), 1 + np.log(2), 1.0]], rtol=1e-6)
+
+
+def test_results_section_survives_a_rewrite(tmp_path):
+  from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "t.md")
+  report.write_markdown(path, "# table\n\n| a |\n")
+  report.write_section(path, "seminar", "## S\n\n| 1 |")
+  report.write_section(path, "seminar", "## S\n\n| 2 |")              # replaced, not appended
+  assert open(path).read() == "# table\n\n| a |\n\n<!-- begin seminar -->\n## S\n\n| 2 |\n<!-- end seminar -->\n"
+  report.write_markdown(path, "# new table\n" + report.kept_sections(path))  # another script's rewrite
+  assert open(path).read() == "# new table\n\n<!-- begin seminar -->\n## S\n\n| 2 |\n<!-- end seminar -->\n"
+  assert report.kept_sections(str(tmp_path / "missing.md")) == ""
+
+
 @pytest.mark.parametrize("field,value", [("model.attention", "approx"), ("model.top_k", 10_000),
+                                          ("eval.extra_attentions", ("approx",)), ("train.negatives", "zipf"),
                                           ("model.pq_subspaces", 5), ("pretrain.tau", 0.0),
                                           ("train.num_negatives", 0)])
 def test_bad_config_raises_naming_the_field(field, value):
@@ -222,3 +278,63 @@ def test_bad_config_raises_naming_the_field(field, value):
   cfg[section][name] = value
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     strain.check_config(cfg)
+
+
+def _finished_steps(path):
+  """Steps of the finalised orbax checkpoints under path (in-flight ones carry a tmp suffix)."""
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def _run_until_killed(args, workdir, ckpt_dir, min_step):
+  """Starts the CLI and sends SIGKILL once a checkpoint >= min_step has landed in ckpt_dir."""
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= min_step for s in _finished_steps(os.path.join(workdir, ckpt_dir))):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  assert proc.wait() == -signal.SIGKILL, f"the run ended before it could be killed (rc {proc.returncode})"
+
+
+def test_killed_run_resumes_to_identical_state(tmp_path):
+  """A real kill -9 during PSU pretraining, another during PQ finetuning, then a resume: the final
+  state (parameters, optimizer, PQ codebooks), the metrics logs and the results equal an
+  uninterrupted run's."""
+  overrides = {"pretrain.total_steps": 40, "train.total_steps": 60, "train.eval_every_steps": 30,
+               "checkpoint_every_steps": 20, "log_every_steps": 5}
+  arg = "smoke,attention=pq"
+  cfg = load_config(f"experiments/configs/seminar_synthetic.py:{arg}")
+  for k, v in overrides.items():
+    node = cfg
+    for p in k.split(".")[:-1]:
+      node = node[p]
+    node[k.split(".")[-1]] = v
+  straight = str(tmp_path / "straight")
+  want = strain.train_and_evaluate(cfg, straight)
+
+  killed = str(tmp_path / "killed")
+  args = [sys.executable, "-m", "mvhan_jax.seminar.main", f"--config=experiments/configs/seminar_synthetic.py:{arg}",
+          f"--workdir={killed}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  _run_until_killed(args, killed, "psu/checkpoints", 20)
+  assert not _finished_steps(os.path.join(killed, "psu", "final")), "killed after pretraining: raise its steps"
+  _run_until_killed(args, killed, "checkpoints", 20)   # resumes pretraining, killed in finetuning
+  assert _finished_steps(os.path.join(killed, "psu", "final"))
+  assert max(_finished_steps(os.path.join(killed, "checkpoints"))) < 60, "killed too late: raise train steps"
+  got = strain.train_and_evaluate(cfg, killed)
+
+  exp = strain.build_experiment(cfg)
+  src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
+  template = strain.init_state(exp, strain.downstream_optimizer(cfg, 60), jax.random.key(0), strain._example(src))
+  states = []
+  for wd in (straight, killed):
+    mngr = strain._manager(os.path.join(wd, "checkpoints"), 2)
+    assert mngr.latest_step() == 60
+    states.append(strain._restore(mngr, 60, template)["state"])
+  assert float(jnp.abs(states[0].codebooks).max()) > 0          # PQ codebooks trained and compared
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for log in ("metrics.jsonl", "psu/metrics.jsonl"):
+    rows = [[json.loads(line) for line in open(os.path.join(wd, log))] for wd in (straight, killed)]
+    assert rows[0] == rows[1] and rows[0], log
+  assert got["test"] == want["test"] and got["best_step"] == want["best_step"]

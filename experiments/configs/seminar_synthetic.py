@@ -14,12 +14,14 @@ Arguments after ':' (comma-separated):
 World (`mvhan_jax.data.synthetic_config.WorldConfig`): 200 users with 1,000 to 2,000 events each
 (~300k events; ~17% search events with 1-5 keywords, the rest browsing), 1,000 items with id, text
 (32-d) and image (32-d) views, 50 topics. maxlen 1,024, d 32, 4 heads, top-K 32, 4 sampled
-negatives per target, 16 training targets per user, 3 epochs. Every user is evaluated.
+negatives per target (uniform: `train.negatives`), 16 training targets per user, 3 epochs. Every
+user is evaluated.
 Expected (2-core CPU): ~1.5-2 minutes per exact-attention run on a quiet machine (PSU ~25 s,
 finetuning ~40 s, final evaluation ~30 s; 3-3.5 minutes when the cores are shared); PQ finetuning
-(`attention=pq`) is ~20x slower per step on CPU (on-the-fly key encoding). Seed 0: test full
-HR@10 0.745 / NDCG@10 0.584 with PSU pretraining vs 0.645 / 0.441 without
-(experiments/seminar_table.py --seeds=0 --rows=psu,nopretrain).
+(`attention=pq`) costs ~1.8x an exact step on CPU (the catalogue's 3,000 item vectors and 1,001
+keywords are PQ-encoded every step; encoding the 32 x 1,024 x 3 history keys instead cost 13x) plus
+~10-20 s of k-means per codebook refresh (step 0 and each evaluation). Results:
+experiments/results/seminar_synthetic.md (experiments/seminar_table.py --seeds=0,1,2).
 """
 
 import ml_collections
@@ -39,12 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
       num_epochs=1, total_steps=0, lr=1e-3, tau=0.05, w_next=1.0, w_align=0.1, w_rel=1.0,
       stop_at_step=-1))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=32, num_negatives=4, targets_per_user=16, min_history=16, num_epochs=3,
-      total_steps=0, eval_every_steps=0))
+      batch_size=32, num_negatives=4, negatives="uniform", negative_power=0.75, targets_per_user=16,
+      min_history=16, num_epochs=3, total_steps=0, eval_every_steps=0))
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="constant", warmup_steps=10, final_lr_fraction=0.0, weight_decay=0.0,
       grad_clip=1.0))
-  c.eval = ml_collections.ConfigDict(dict(user_chunk=16, item_chunk=250, full_corpus_valid=False))
+  c.eval = ml_collections.ConfigDict(dict(user_chunk=16, item_chunk=250, full_corpus_valid=False,
+                                          extra_attentions=()))
   c.select_metric = "sampled/NDCG@10"
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100

@@ -27,6 +27,11 @@ lookups per position, equal to the exact score on decoded keys. ``multimodal_sdc
 paper's form with quantised queries too (precomputed [M, M, C, K, K] tables; O(M^2 C) lookups per
 position when the table is formed, then the same M C lookups per position).
 
+SEMINAR's (query, item) pair keys (``pair_pq_scores``): items and query keywords are quantised
+separately at catalogue level and a position's codes gathered by id; a pair key is linear in its
+item and keyword vectors, so its score is still table look-ups (M C per position for the item, C per
+live keyword), and encoding costs N M + V vectors per refresh instead of B L M.
+
 Keys are shared across heads: a per-head projection belongs on the query side,
 q_h^T (W_h k) = (W_h^T q_h)^T k, so the keys (item vectors) can be quantised once, offline.
 
@@ -327,6 +332,34 @@ def multimodal_pq_scores(q: jax.Array, codes: jax.Array, codebooks: jax.Array, w
   b, length, m, c = codes.shape
   lut = multimodal_query_lut(q, codebooks, w)  # [B, H, M * C, K]
   return lut_scores(lut, codes.reshape(b, 1, length, m * c), chunk)
+
+
+def pair_pq_scores(q: jax.Array, item_codes: jax.Array, keyword_codes: jax.Array,
+                   keyword_mask: jax.Array, codebooks: jax.Array, query_codebooks: jax.Array,
+                   w: jax.Array, alpha: float, chunk: Optional[int] = None) -> jax.Array:
+  """PQ multi-modal scores [B, H, L] of (query, item) pair keys from catalogue-level codes.
+
+  A position's per-modality key is key_j = alpha * qbar + (1 - alpha) * e_j for a search event
+  (qbar = mean of its keyword vectors) and e_j for a browsing event (SEMINAR's pair embedding).
+  Items and keywords are quantised separately (codes of the catalogue, gathered by id), so
+    score = (1 - alpha h) sum_j w_j <qw, dec e_j> + alpha h mean_t <qw, dec kw_t>
+  with qw = sum_i w_i q_i, h = 1 for a search event, 0 otherwise (the weights w sum to 1). Both
+  terms are table look-ups: M C per position for the item, C per live keyword.
+
+  q [B, H, M, d]; item_codes [B, L, M, C] (the history items' codes); keyword_codes [B, L, Q, C];
+  keyword_mask bool [B, L, Q] (live keywords; a row without any is a browsing event); codebooks
+  [M, C, K, d // C] (item modalities), query_codebooks [C, K, d // C] (keywords).
+  Equals ``multimodal_exact_scores`` on the pair keys built from the decoded items and keywords.
+  """
+  b, length, nq, c = keyword_codes.shape
+  item = multimodal_pq_scores(q, item_codes, codebooks, w, chunk)              # [B, H, L]
+  qw = jnp.einsum("bhmd,m->bhd", q, w)
+  kw = lut_scores(query_lut(query_codebooks, qw), keyword_codes.reshape(b, 1, length * nq, c), chunk)
+  kmask = keyword_mask.astype(q.dtype)
+  n = kmask.sum(-1)                                                            # [B, L]
+  query = jnp.sum(kw.reshape(kw.shape[:2] + (length, nq)) * kmask[:, None], -1) / jnp.maximum(n, 1.0)[:, None]
+  a = alpha * (n > 0).astype(q.dtype)[:, None]                                 # [B, 1, L]
+  return (1.0 - a) * item + a * query
 
 
 def multimodal_centroid_tables(codebooks: jax.Array) -> jax.Array:

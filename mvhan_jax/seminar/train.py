@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mvhan_jax import evaluation
+from mvhan_jax import losses as shared_losses
 from mvhan_jax import train as retrieval_train
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
@@ -84,6 +85,10 @@ def check_config(config) -> None:
   t = config.train
   need(t.num_negatives >= 1, "train.num_negatives", f"must be >= 1, got {t.num_negatives}")
   need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+  need(t.get("negatives", "uniform") in ("uniform", "popularity", "log_uniform"), "train.negatives",
+       f"{t.get('negatives')!r}: use 'uniform', 'popularity' (count^train.negative_power) or 'log_uniform'")
+  for att in config.eval.get("extra_attentions", ()):
+    need(att in smodel.ATTENTION, "eval.extra_attentions", f"{att!r}: use entries of {smodel.ATTENTION}")
   need(config.select_metric.split("/")[0] in ("full", "sampled"), "select_metric",
        f"{config.select_metric!r}: use 'sampled/NDCG@10', 'full/NDCG@10', ...")
 
@@ -98,6 +103,7 @@ class SeminarExperiment:
   model: smodel.SeminarModel
   psu: smodel.PSU
   tables: dict[str, jax.Array]
+  negatives: dict[str, jax.Array]  # the finetuning negatives' proposal: 'cdf' [N], 'log_nq' = log(N Q(i)) [N]
 
 
 def build_experiment(config, data: sdata.SeminarData | None = None) -> SeminarExperiment:
@@ -105,7 +111,11 @@ def build_experiment(config, data: sdata.SeminarData | None = None) -> SeminarEx
   data = data if data is not None else sdata.load_data(config)
   model = smodel.model_from_config(config, data)
   psu = smodel.PSU(embedder=smodel.embedder_from_config(config, data))
-  return SeminarExperiment(config, data, model, psu, {k: jnp.asarray(v) for k, v in data.tables().items()})
+  counts = np.bincount(data.item[_training_events(data)], minlength=data.num_items)
+  sampler = shared_losses.make_sampler(config.train.negatives, counts, config.train.negative_power)
+  negatives = {"cdf": jnp.asarray(sampler.cdf), "log_nq": jnp.asarray(sampler.log_probs + np.log(data.num_items))}
+  return SeminarExperiment(config, data, model, psu, {k: jnp.asarray(v) for k, v in data.tables().items()},
+                           negatives)
 
 
 @flax.struct.dataclass
@@ -113,7 +123,7 @@ class SeminarState:
   step: jax.Array
   params: Any
   opt_state: Any
-  codebooks: jax.Array  # [M, C_pq, 256, d / C_pq]; zeros until trained (attention='pq')
+  codebooks: jax.Array  # [M + 1, C_pq, 256, d / C_pq] (modalities, keywords); zeros until trained
 
 
 def _example(source, n: int = 2):
@@ -250,7 +260,7 @@ def downstream_optimizer(config, total_steps):
 
 def _codebook_shape(config, data):
   m = config.model
-  return (len(data.modality_names), m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
+  return (len(data.modality_names) + 1, m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
 
 
 def init_state(exp: SeminarExperiment, tx, key, example, embedder_params=None) -> SeminarState:
@@ -269,27 +279,38 @@ def init_state(exp: SeminarExperiment, tx, key, example, embedder_params=None) -
   return init(key, example, exp.tables, embedder_params)
 
 
-def _candidates(batch, key, num_items, num_negatives):
-  neg = jax.random.randint(key, (batch["target"].shape[0], num_negatives), 0, num_items)
+def _candidates(batch, key, cdf, num_negatives):
+  b = batch["target"].shape[0]
+  neg = shared_losses.sample_negatives(key, cdf, b * num_negatives).reshape(b, num_negatives)
   cand = jnp.concatenate([batch["target"][:, None], neg], axis=1)
   valid = jnp.concatenate([jnp.ones_like(batch["target"][:, None], bool), neg != batch["target"][:, None]], axis=1)
   return cand, valid
+
+
+def nce_logits(scores, candidates, log_nq):
+  """The BCE logits of candidates [B, C] drawn from the data (column 0) or k times from Q:
+  scores - log(N Q(i)) (NCE, Gutmann & Hyvarinen 2010). The Bayes-optimal classifier logit is
+  log p(i | history) - log(k Q(i)), so the score s then estimates log p(i | history) + const and
+  ranks the whole catalogue as the data would, whatever Q. Measured relative to uniform
+  (log(N Q(i)) = 0 for uniform negatives) so the constant stays near 0 at initialisation."""
+  return scores - jnp.take(log_nq, candidates)
 
 
 def make_train_step(exp: SeminarExperiment, tx):
   cfg = exp.config
   attention = cfg.model.attention
 
-  def loss_fn(params, batch, tables, codebooks, key):
-    cand, valid = _candidates(batch, key, exp.data.num_items, cfg.train.num_negatives)
+  def loss_fn(params, batch, tables, codebooks, key, negatives):
+    cand, valid = _candidates(batch, key, negatives["cdf"], cfg.train.num_negatives)
     logits = exp.model.apply(params, batch, cand, tables, codebooks, attention)
-    loss = losses.candidate_bce(logits, valid)
+    loss = losses.candidate_bce(nce_logits(logits, cand, negatives["log_nq"]), valid)
     return loss, {"loss": loss}
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: SeminarState, batch, tables, key):
+  def train_step(state: SeminarState, batch, tables, key, negatives):
+    """One BCE step; ``negatives`` = `SeminarExperiment.negatives`."""
     k = jax.random.fold_in(key, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, state.codebooks, k)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, state.codebooks, k, negatives)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -302,27 +323,40 @@ def make_train_step(exp: SeminarExperiment, tx):
 # Product-quantisation codebooks
 # --------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _jitted_keys(model):
-  return jax.jit(lambda p, b, t: model.apply(p, b, t, method=model.encode_history))
+def _jitted_catalogue(model):
+  return jax.jit(lambda p, t: model.apply(p, t, method=lambda mdl, t: mdl.embedder.catalogue(t)))
+
+
+def _training_events(data: sdata.SeminarData) -> np.ndarray:
+  """Flat indices of every user's training events (never the validation / test events)."""
+  te = data.train_end()
+  return np.concatenate([np.arange(data.offsets[u], te[u]) for u in range(data.num_users)])
+
+
+def _fit_codebooks(key, x, m):
+  """PQ codebooks [C, K, s] of x [n, d] (n may be 0: zeros, nothing to quantise)."""
+  if len(x) == 0:
+    return jnp.zeros((m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces), jnp.float32)
+  return pq.train_pq(key, jnp.asarray(x), m.pq_subspaces, m.pq_centroids, m.pq_iters)
 
 
 def train_codebooks(exp: SeminarExperiment, params, key) -> jax.Array:
-  """Per-modality PQ codebooks [M, C, 256, d / C] of the current key vectors: k-means on
-  ``model.pq_train_vectors`` live history keys of random training windows (deterministic in key)."""
+  """PQ codebooks [M + 1, C, 256, d / C] of the current embedder: per item modality, k-means on the
+  modality vectors of ``model.pq_train_vectors`` items drawn from the training events (so as often
+  as they occur in histories), and for the keywords on as many keyword occurrences of the training
+  events' queries (deterministic in key; no queries, e.g. MovieLens: a zero keyword codebook)."""
   m = exp.config.model
-  source = sdata.finetune_source(exp.data, exp.config.maxlen, exp.config.train.targets_per_user,
-                                 exp.config.train.min_history, exp.config.dataset.data_seed)
+  data = exp.data
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist())
-  fn = _jitted_keys(exp.model)
-  vecs, have = [], 0
-  while have < m.pq_train_vectors:
-    b = source.take(rng.integers(0, len(source), 16))
-    keys, _, mask = fn(params, b, exp.tables)
-    v = np.asarray(keys)[np.asarray(mask)]
-    vecs.append(v)
-    have += len(v)
-  x = np.concatenate(vecs)[rng.permutation(have)[:m.pq_train_vectors]]
-  return pq.train_multimodal_pq(key, jnp.asarray(x), m.pq_subspaces, m.pq_centroids, m.pq_iters)
+  events = _training_events(data)
+  items, keywords = (np.asarray(v) for v in _jitted_catalogue(exp.model)(params, exp.tables))
+  x_items = items[data.item[rng.choice(events, m.pq_train_vectors)]]               # [n, M, d]
+  occurrences = data.query[events][data.query[events] > 0]
+  x_kw = keywords[rng.choice(occurrences, m.pq_train_vectors)] if len(occurrences) else keywords[:0]
+  k_items, k_kw = jax.random.split(key)
+  return jnp.concatenate([pq.train_multimodal_pq(k_items, jnp.asarray(x_items), m.pq_subspaces, m.pq_centroids,
+                                                 m.pq_iters),
+                          _fit_codebooks(k_kw, x_kw, m)[None]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,6 +429,8 @@ def train_and_evaluate(config, workdir: str, data: sdata.SeminarData | None = No
   ``config.select_metric`` on validation and returns (and writes to results.json) its valid and
   test metrics with the inference attention ``model.eval_attention`` (default: model.attention).
 
+  ``eval.extra_attentions`` (e.g. ('pq',)): the best checkpoint's test metrics with each of these
+  GSU attentions too, under results['test_by_attention'].
   Returns None when ``config.stop_at_step`` ends the run early (a simulated preemption).
   """
   os.makedirs(workdir, exist_ok=True)
@@ -440,7 +476,7 @@ def train_and_evaluate(config, workdir: str, data: sdata.SeminarData | None = No
                                                     shard_count=1), start_step=start_step, prefetch=2)
   step, t_train = start_step, time.perf_counter()
   while step < total_steps:
-    state, m = train_step(state, next(batches), exp.tables, step_key)
+    state, m = train_step(state, next(batches), exp.tables, step_key, exp.negatives)
     step += 1
     if step % config.log_every_steps == 0 or step == total_steps:
       writer.write(step, {f"train/{k}": float(v) for k, v in jax.device_get(m).items()})
@@ -457,7 +493,8 @@ def train_and_evaluate(config, workdir: str, data: sdata.SeminarData | None = No
       logging.info("step %d: valid %s %.4f", step, config.select_metric, valid[config.select_metric])
       if valid[config.select_metric] > meta["best_metric"]:
         meta.update(best_metric=float(valid[config.select_metric]), best_step=step)
-        _save(best, step, {"params": state.params, "codebooks": cb if cb is not None else state.codebooks}, meta)
+        if best.latest_step() != step:  # a run killed between this save and the next 'latest' one
+          _save(best, step, {"params": state.params, "codebooks": cb if cb is not None else state.codebooks}, meta)
     if is_eval or step % config.checkpoint_every_steps == 0 or step == config.get("stop_at_step", -1):
       _save(latest, step, state, meta)
     if step == config.get("stop_at_step", -1):
@@ -475,9 +512,16 @@ def train_and_evaluate(config, workdir: str, data: sdata.SeminarData | None = No
   results = {"valid": evaluate(exp, params, "valid", eval_att, cb, full_corpus=config.eval.full_corpus_valid),
              "test": evaluate(exp, params, "test", eval_att, cb),
              "best_step": int(best_step), "final_step": step, "attention": train_att, "eval_attention": eval_att,
-             "data": exp.data.summary(),
-             "seconds": {"pretrain": psu_time, "train": train_time, "final_eval": time.perf_counter() - t,
-                         "total": time.perf_counter() - t0}}
+             "data": exp.data.summary()}
+  # The same best checkpoint served with another GSU (the exact / PQ switch at inference); PQ
+  # codebooks of a model that never had any are trained on its keys as an eval at that step would.
+  for att in config.eval.get("extra_attentions", ()):
+    if att == "pq" and not float(jnp.abs(codebooks).max()):
+      codebooks = train_codebooks(exp, params, jax.random.fold_in(pq_key, best_step))
+    results.setdefault("test_by_attention", {})[att] = evaluate(exp, params, "test", att,
+                                                                codebooks if att == "pq" else None)
+  results["seconds"] = {"pretrain": psu_time, "train": train_time, "final_eval": time.perf_counter() - t,
+                        "total": time.perf_counter() - t0}
   writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
   writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:
