@@ -11,14 +11,24 @@ MVHAN_NUM_PROCESSES / MVHAN_PROCESS_ID, read by mvhan_jax/distributed.py), sees
 
 Everything after ``--`` is passed to the Python interpreter of each process. ``--dry-run`` prints the
 commands (with their environment) instead of running them. Exits with the first non-zero exit code;
-when one process fails the others are stopped.
+when one process fails the others are stopped (SIGTERM, then SIGKILL after ``--grace_s``: JAX treats
+SIGTERM as a preemption notice and keeps running, and a survivor would otherwise wait in a collective
+or the shutdown barrier). SIGTERM / SIGINT to the launcher stop the processes the same way.
+
+The caller's ``XLA_FLAGS`` are kept (the device count is appended). On a loaded machine raise the
+timeout of the CPU collectives (gloo; 30 s by default), e.g.
+``XLA_FLAGS=--xla_cpu_collective_timeout_seconds=600 python launch/local_multiprocess.py ...``; the
+30 s a new gloo communicator has to connect its ranks is fixed, so an overloaded machine can still
+fail a job at its first step ('Gloo context initialization failed'): relaunch it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -33,9 +43,10 @@ def free_port() -> int:
 
 def process_env(i: int, n: int, port: int, devices: int, base: dict | None = None) -> dict:
   env = dict(os.environ if base is None else base)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).split()
   env.update({
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
       "MVHAN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
       "MVHAN_NUM_PROCESSES": str(n),
       "MVHAN_PROCESS_ID": str(i),
@@ -49,6 +60,7 @@ def main(argv=None) -> int:
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
   parser.add_argument("--log_dir", default=None, help="write process i's output to <log_dir>/process_<i>.log")
+  parser.add_argument("--grace_s", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
   parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the python arguments of each process")
   args = parser.parse_args(argv)
@@ -62,7 +74,7 @@ def main(argv=None) -> int:
   keys = ("JAX_PLATFORMS", "XLA_FLAGS", "MVHAN_COORDINATOR_ADDRESS", "MVHAN_NUM_PROCESSES", "MVHAN_PROCESS_ID")
   if args.dry_run:
     for i in range(n):
-      env = process_env(i, n, port, args.devices_per_process, base={})
+      env = process_env(i, n, port, args.devices_per_process)
       print(" ".join(f"{k}={shlex.quote(env[k])}" for k in keys), shlex.join([sys.executable, *cmd]), "&")
     print("wait")
     return 0
@@ -75,15 +87,18 @@ def main(argv=None) -> int:
       logs.append(out)
     procs.append(subprocess.Popen([sys.executable, *cmd], env=process_env(i, n, port, args.devices_per_process),
                                   stdout=out, stderr=subprocess.STDOUT if out else None))
+  stop = []
+  def on_signal(signum, frame):  # pylint: disable=unused-argument
+    stop.append(-signum)
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, on_signal)
   code = 0
   try:
     while any(p.poll() is None for p in procs):
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+      failed = [p.returncode for p in procs if p.returncode not in (None, 0)] + stop
       if failed:
         code = failed[0]
-        for p in procs:  # the survivors would wait forever in a collective
-          if p.poll() is None:
-            p.terminate()
+        stop_all(procs, args.grace_s)  # the survivors would wait in a collective or the shutdown barrier
         break
       time.sleep(0.2)
     for p in procs:
@@ -92,6 +107,19 @@ def main(argv=None) -> int:
     for f in logs:
       f.close()
   return code or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def stop_all(procs, grace_s: float) -> None:
+  """SIGTERM to every running process, SIGKILL to those still running ``grace_s`` later."""
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  deadline = time.time() + grace_s
+  while time.time() < deadline and any(p.poll() is None for p in procs):
+    time.sleep(0.1)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
 
 
 if __name__ == "__main__":

