@@ -257,6 +257,39 @@ def test_world_config_names_bad_scenario_field():
     ranking_data.world_config(bad)
 
 
+def test_pool_negatives_have_no_future_leak():
+  # User 0 rates 0..4 in time order (train 0, 1, 2; valid 3; test 4), user 1 rates 5..9.
+  from mvhan_jax.data.types import InteractionData  # pylint: disable=import-outside-toplevel
+  data = InteractionData("tiny", 2, 12, {"occupation": np.array([1, 2], np.int32)}, {}, {"occupation": 22},
+                         user=np.repeat(np.arange(2), 5).astype(np.int32), item=np.arange(10, dtype=np.int32),
+                         timestamp=np.arange(10, dtype=np.int64), rating=np.full(10, 5.0, np.float32))
+  table = np.full((2, 4), -1, np.int32)
+  table[0, :2] = [4, 1]      # user 0: its own test item and a training item
+  table[1, :2] = [10, 11]
+  calls = []
+
+  def pool(users, history, history_len):
+    calls.append((users.copy(), history_len.copy()))
+    return table[users]
+
+  d = ranking_data.movielens_ranking(data, maxlen=5, num_negatives=1, eval_negatives=1, negative_pool=pool)
+  # One call per split, with every impression's own history: training rows at every time point.
+  assert [len(u) for u, _ in calls] == [6, 2, 2]
+  np.testing.assert_array_equal(np.sort(calls[0][1]), [0, 0, 1, 1, 2, 2])
+  train = d.splits["train"]
+  neg = train["click"] == 0
+  # At training time the test item is an unknown future: it is a legitimate (and here the only)
+  # negative; the training item 1 never is.
+  assert set(train["item"][neg & (train["user"] == 0)].tolist()) == {4}
+  assert set(train["item"][neg & (train["user"] == 1)].tolist()) <= {10, 11}
+  # Evaluation negatives are true non-interactions: user 0's pool has none left, so they fall back
+  # to popularity sampling among items user 0 never rated.
+  for split in ("valid", "test"):
+    s = d.splits[split]
+    items = s["item"][(s["click"] == 0) & (s["user"] == 0)]
+    assert len(items) == 1 and items[0] >= 5
+
+
 @pytest.fixture(scope="module")
 def movielens_smoke():
   cfg = load_config("experiments/configs/hinet_ml100k.py:smoke")
@@ -298,3 +331,18 @@ def test_training_learns_and_resumes_exactly(movielens_smoke, tmp_path):
   b, _ = ranking_train.restore_params(str(tmp_path / "cut"), exp, "latest")
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert resumed["test"] == full["test"]
+
+
+def test_rerank_positions_and_candidate_auc():
+  from mvhan_jax.ranking import rerank  # pylint: disable=import-outside-toplevel
+  candidates = np.array([[7, 3, 5, 9], [1, 2, 4, 6], [8, 0, -1, -1]])
+  targets = np.array([5, 9, 0])
+  # Retrieval order: target at position 2, absent (= 4, a miss), at position 1.
+  np.testing.assert_array_equal(rerank.target_positions(candidates, targets), [2, 4, 1])
+  scores = np.array([[0.1, 0.2, 0.9, 0.3], [0.4, 0.3, 0.2, 0.1], [0.5, 0.5, -np.inf, -np.inf]])
+  reranked = rerank.rerank(candidates, scores)
+  np.testing.assert_array_equal(reranked[0], [5, 9, 3, 7])
+  np.testing.assert_array_equal(reranked[2, :2], [8, 0])       # a tie keeps the retrieval order
+  np.testing.assert_array_equal(rerank.target_positions(reranked, targets), [0, 4, 1])
+  # AUC of the target against the other 3 candidates: position 0 -> 1, position 1 -> 2/3.
+  assert rerank.candidate_auc(np.array([0, 1]), 4) == pytest.approx((1 + 2 / 3) / 2)

@@ -20,10 +20,13 @@ MovieLens-100k (`movielens_ranking`):
   non-interactions, history = every earlier interaction (as the retrieval evaluation's).
 - Tasks: click = interaction (1) vs sampled non-interaction (0); conversion = rating >= 4 given the
   interaction, so ctcvr = interaction AND rating >= 4.
-- Negatives: items the user never rated (in the whole log: a negative must be a true
-  non-interaction), drawn with probability ~ training popularity^alpha (uniform negatives make the
-  click task a popularity test); drawn once from ``data_seed`` so that every model and seed sees the
-  same impressions.
+- Negatives, drawn with probability ~ training popularity^alpha (uniform negatives make the click
+  task a popularity test), once from ``data_seed`` so that every model and seed sees the same
+  impressions. Training negatives: items outside the user's training sequence; the user's later
+  validation and test items can be drawn (as at training time in production; excluding them would
+  tell the model which items the user will interact with later, a future leak that grows with the
+  share of the candidates a user's negatives cover: fatal with `rerank.candidate_pool`). Validation /
+  test negatives: items the user never rated (true non-interactions).
 
 Synthetic (`synthetic_ranking`): the exposure log of `mvhan_jax.data.synthetic` (its default
 scenarios: 'feed', data-rich, mostly articles; 'reading', sparse, mostly novels; 'video', sparse,
@@ -42,7 +45,8 @@ scenario could reach at best, so the gap to 'true' is what scenario-specific mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import os
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -132,10 +136,31 @@ def sample_non_interactions(rng: np.random.Generator, users: np.ndarray, num: in
   return out.astype(np.int32)
 
 
-def _with_negatives(rng, pos: dict[str, np.ndarray], num: int, probs, seen) -> dict[str, np.ndarray]:
-  """Positive rows followed by ``num`` negatives per positive (same user, history, scenario)."""
+def sample_from_pool(rng: np.random.Generator, users: np.ndarray, num: int, pool: np.ndarray, probs: np.ndarray,
+                     seen: np.ndarray) -> np.ndarray:
+  """int32 [len(users), num] distinct items drawn uniformly from each row's ``pool`` (int [len(users),
+  P], -1 padded) among the items the user never interacted with (``seen`` False); where a row has
+  fewer than ``num`` such items the rest come from ``probs`` (`sample_non_interactions`)."""
+  ok = (pool >= 0) & ~seen[users[:, None], np.maximum(pool, 0)]
+  keys = np.where(ok, rng.random(pool.shape), -1.0)
+  pick = np.argsort(-keys, axis=1)[:, :num]                                # uniform without replacement
+  out = np.take_along_axis(pool, pick, axis=1)
+  short = np.take_along_axis(keys, pick, axis=1) < 0
+  if short.any():
+    fill = sample_non_interactions(rng, users, num, probs, seen)
+    out = np.where(short, fill, out)
+  return out.astype(np.int32)
+
+
+def _with_negatives(rng, pos: dict[str, np.ndarray], num: int, probs, seen, pool=None) -> dict[str, np.ndarray]:
+  """Positive rows followed by ``num`` negatives per positive (same user, history, scenario), drawn
+  from ``probs`` or, when given, from ``pool(user, history, history_len)``'s rows (`sample_from_pool`)."""
   n = len(pos["user"])
-  neg_items = sample_non_interactions(rng, pos["user"], num, probs, seen).reshape(-1)
+  if pool is None:
+    neg_items = sample_non_interactions(rng, pos["user"], num, probs, seen).reshape(-1)
+  else:
+    rows = pool(pos["user"], pos["history"], pos["history_len"])
+    neg_items = sample_from_pool(rng, pos["user"], num, rows, probs, seen).reshape(-1)
   rep = np.repeat(np.arange(n), num)
   out = {}
   for k, v in pos.items():
@@ -149,8 +174,15 @@ def _with_negatives(rng, pos: dict[str, np.ndarray], num: int, probs, seen) -> d
 
 
 def movielens_ranking(data: InteractionData, maxlen: int = 50, num_negatives: int = 2,
-                      eval_negatives: int = 50, alpha: float = 0.75, data_seed: int = 0) -> RankingData:
-  """MovieLens-100k as a 4-scenario, 2-task ranking set (see the module docstring)."""
+                      eval_negatives: int = 50, alpha: float = 0.75, data_seed: int = 0,
+                      negative_pool: Callable[..., np.ndarray] | None = None) -> RankingData:
+  """MovieLens-100k as a 4-scenario, 2-task ranking set (see the module docstring).
+
+  ``negative_pool``: a function (users int [N], history int [N, maxlen], history_len int [N]) -> int
+  [N, P] (-1 padded) of candidate items per impression, e.g. a retrieval model's top-P for that
+  history (`rerank.candidate_pool`): every split's negatives are drawn uniformly from the
+  impression's candidates instead of by popularity.
+  """
   _check("num_negatives", num_negatives, num_negatives >= 1, "use >= 1 sampled non-interaction per interaction")
   _check("eval_negatives", eval_negatives, eval_negatives >= 1, "use >= 1 (AUC needs negatives)")
   if data.rating is None:
@@ -158,8 +190,11 @@ def movielens_ranking(data: InteractionData, maxlen: int = 50, num_negatives: in
   split = protocol.leave_one_out(data)
   rating = np.zeros((data.num_users, data.num_items), np.float32)
   rating[data.user, data.item] = data.rating
-  seen = np.zeros((data.num_users, data.num_items), bool)
+  seen = np.zeros((data.num_users, data.num_items), bool)          # rated at any time
   seen[data.user, data.item] = True
+  seen_train = np.zeros_like(seen)                                 # rated in the training sequence
+  for u, seq in enumerate(split.train_sequences):
+    seen_train[u, seq] = True
   user_scenario = movielens_scenarios(data.user_features["occupation"])
   counts = np.bincount(np.concatenate(split.train_sequences), minlength=data.num_items).astype(np.float64)
   probs = counts ** alpha
@@ -171,14 +206,14 @@ def movielens_ranking(data: InteractionData, maxlen: int = 50, num_negatives: in
   train = {"user": ex["user"], "item": ex["target"], "scenario": user_scenario[ex["user"]],
            "history": ex["history"], "history_len": ex["history_len"],
            "click": np.ones(len(conv), np.float32), "ctcvr": conv}
-  splits = {"train": _with_negatives(rng, train, num_negatives, probs, seen)}
+  splits = {"train": _with_negatives(rng, train, num_negatives, probs, seen_train, negative_pool)}
   for name in ("valid", "test"):
     es = split.eval_set(name, maxlen)
     target = es.targets[:, 0]
     pos = {"user": es.user, "item": target, "scenario": user_scenario[es.user], "history": es.history,
            "history_len": es.history_len, "click": np.ones(len(target), np.float32),
            "ctcvr": (rating[es.user, target] >= 4).astype(np.float32)}
-    splits[name] = _with_negatives(rng, pos, eval_negatives, probs, seen)
+    splits[name] = _with_negatives(rng, pos, eval_negatives, probs, seen, negative_pool)
   return RankingData("ml-100k", data.num_users, data.num_items, tuple(n for n, _ in ML_SCENARIOS),
                      dict(data.user_features), dict(data.item_features), dict(data.vocab),
                      {k: _typed(v) for k, v in splits.items()}, maxlen)
@@ -272,8 +307,20 @@ def load_ranking_data(config) -> RankingData:
   d = config.dataset
   if d.name == "movielens_100k":
     from mvhan_jax.data import movielens  # pylint: disable=import-outside-toplevel
+    pool = None
+    negatives = d.get("negatives", "popularity")
+    if negatives == "retrieval":
+      from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
+      from mvhan_jax.ranking import rerank  # pylint: disable=import-outside-toplevel
+      if not os.path.isdir(os.path.join(d.retrieval_workdir, "best")):
+        raise FileNotFoundError(
+            f"config.dataset.retrieval_workdir={d.retrieval_workdir!r} holds no trained retrieval model: train "
+            f"it first (mvhan-train --config={d.retrieval_config} --workdir={d.retrieval_workdir})")
+      pool = rerank.candidate_pool(load_config(d.retrieval_config), d.retrieval_workdir, d.pool_size)
+    elif negatives != "popularity":
+      raise ValueError(f"config.dataset.negatives={negatives!r} is unknown: use 'popularity' or 'retrieval'")
     return movielens_ranking(movielens.load_movielens_100k(d.get("data_dir")), config.maxlen,
-                             d.num_negatives, d.eval_negatives, d.alpha, d.data_seed)
+                             d.num_negatives, d.eval_negatives, d.alpha, d.data_seed, pool)
   if d.name == "synthetic":
     from mvhan_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     world = synthetic.generate_world(world_config(d.world.to_dict()))

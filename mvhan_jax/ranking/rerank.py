@@ -9,26 +9,62 @@ are re-ordered by pCTR (or pCTCVR). A target outside the candidates is a miss fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from mvhan_jax import evaluation
+from mvhan_jax.data import protocol
 from mvhan_jax import train as retrieval_train
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import train as ranking_train
 
 
-def retrieve(retrieval_config, retrieval_workdir: str, num_candidates: int = 100):
-  """-> (retrieval experiment, test EvalSet, candidate ids int32 [Q, N] in retrieval order)."""
+def retrieve(retrieval_config, retrieval_workdir: str, num_candidates: int = 100, split: str = "test"):
+  """-> (retrieval experiment, the split's EvalSet, candidate ids int32 [Q, N] in retrieval order)."""
   exp = retrieval_train.build_experiment(retrieval_config)
   params, _ = retrieval_train.restore_params(retrieval_workdir, exp, "best")
-  test = exp.eval_sets["test"]
-  users, mask = retrieval_train.encode_users(exp, params, test)
+  queries = exp.eval_sets[split]
+  users, mask = retrieval_train.encode_users(exp, params, queries)
   items = retrieval_train.encode_items(exp, params)
   _, ids = evaluation.exact_topk(users, items, num_candidates, query_mask=mask,
-                                 exclude_indptr=test.exclude_indptr, exclude_indices=test.exclude_indices)
-  return exp, test, ids
+                                 exclude_indptr=queries.exclude_indptr, exclude_indices=queries.exclude_indices)
+  return exp, queries, np.asarray(ids)
+
+
+def candidate_pool(retrieval_config, retrieval_workdir: str, size: int = 100):
+  """A function ``pool(users, history, history_len) -> int32 [N, size]``: for each impression (user,
+  left-aligned history of the retrieval config's maxlen), the retrieval model's top-``size`` items
+  outside the user's training sequence.
+
+  Each impression gets the candidates of its own time point (its history), i.e. the hard negatives a
+  re-ranker meets when serving that request. One pool per user (say from the latest history) would
+  pair early training positives with candidates of the end of the training period, a time mismatch
+  the ranker learns instead of the user's taste (measured: test CTR AUC 0.55, re-ranking HR@10 0.06).
+  `ranking.data.movielens_ranking` further drops what the user had rated by then (training) or ever
+  (evaluation).
+  """
+  exp = retrieval_train.build_experiment(retrieval_config)
+  params, _ = retrieval_train.restore_params(retrieval_workdir, exp, "best")
+  items = retrieval_train.encode_items(exp, params)
+  train_items = [np.unique(s).astype(np.int32) for s in exp.split.train_sequences]
+  maxlen = retrieval_config.maxlen
+
+  def pool(users: np.ndarray, history: np.ndarray, history_len: np.ndarray) -> np.ndarray:
+    if history.shape[1] != maxlen:
+      raise ValueError(f"the ranking config.maxlen={history.shape[1]} must equal the retrieval config.maxlen="
+                       f"{maxlen} to reuse its histories: set them equal")
+    excl = [train_items[u] for u in users]
+    indptr = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
+    queries = protocol.EvalSet(user=np.asarray(users, np.int32), history=history, history_len=history_len,
+                               exclude_indptr=indptr, exclude_indices=np.concatenate(excl),
+                               targets=np.full((len(users), 1), -1, np.int32))
+    vecs, mask = retrieval_train.encode_users(exp, params, queries)
+    _, ids = evaluation.exact_topk(vecs, items, size, query_mask=mask, exclude_indptr=indptr,
+                                   exclude_indices=queries.exclude_indices)
+    return np.asarray(ids, np.int32)
+
+  return pool
 
 
 def target_positions(candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -49,43 +85,60 @@ def rank_candidates(rank_exp: ranking_train.RankingExperiment, params, users, hi
   return {k: np.where(valid, preds[k].reshape(q, n), -np.inf) for k in ("ctr", "ctcvr")}
 
 
+def candidate_auc(positions: np.ndarray, num_candidates: int) -> float:
+  """Mean over users of the AUC of the target against the other candidates (one positive, N - 1
+  negatives: (N - 1 - position) / (N - 1)), for users whose target is among the candidates."""
+  return float(np.mean((num_candidates - 1 - positions) / (num_candidates - 1))) if len(positions) else float("nan")
+
+
 def rerank(candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
   """Candidates re-ordered by descending score (ties keep the retrieval order)."""
   order = np.argsort(-scores, axis=1, kind="stable")
   return np.take_along_axis(candidates, order, axis=1)
 
 
-def retrieve_then_rank(retrieval_config, retrieval_workdir: str, ranking_config, ranking_workdir: str,
+def retrieve_then_rank(retrieval_config, retrieval_workdir: str, rankers: Mapping[str, tuple[Any, str]],
                        num_candidates: int = 100, ks=(10,)) -> dict[str, Any]:
-  """Metrics of retrieval alone and retrieval + ranking on the leave-one-out test users.
+  """Metrics of retrieval alone and retrieval + each ranker on the leave-one-out test users.
 
-  Both workdirs must hold trained models (see `experiments/retrieve_then_rank.py`, which trains
-  missing ones). The ranker must be trained on MovieLens-100k with the same leave-one-out split.
+  ``rankers``: row label -> (ranking config, trained ranking workdir). Every workdir must hold a
+  trained model (see `experiments/retrieve_then_rank.py`, which trains missing ones); rankers must
+  be trained on MovieLens-100k with the same leave-one-out split. Rows: 'Retrieval only',
+  'Retrieval + popularity' (candidates re-ordered by training popularity, a reference) and
+  '<label> (pCTR)' / '<label> (pCTCVR)' per ranker.
   """
-  if ranking_config.dataset.name != "movielens_100k" or retrieval_config.dataset.name != "movielens_100k":
+  if retrieval_config.dataset.name != "movielens_100k" or any(
+      c.dataset.name != "movielens_100k" for c, _ in rankers.values()):
     raise ValueError("retrieve-then-rank is wired for MovieLens-100k: set config.dataset.name='movielens_100k' "
                      "in both the retrieval and the ranking config")
   if retrieval_config.protocol != "leave_one_out":
     raise ValueError(f"retrieval config.protocol={retrieval_config.protocol!r}: use 'leave_one_out'")
   exp, test, candidates = retrieve(retrieval_config, retrieval_workdir, num_candidates)
-  rank_exp = ranking_train.build_ranking_experiment(ranking_config)
-  params, _ = ranking_train.restore_params(ranking_workdir, rank_exp, "best")
-  # The ranker's own test history (its maxlen), from the same leave-one-out split.
-  rank_test = exp.split.eval_set("test", ranking_config.maxlen)
-  if not np.array_equal(rank_test.user, test.user):
-    raise ValueError("the retrieval and ranking test users differ: use the same dataset and protocol")
   scenario_of_user = ranking_data.movielens_scenarios(exp.data.user_features["occupation"])
-  probs = rank_candidates(rank_exp, params, rank_test.user, rank_test.history, rank_test.history_len,
-                          candidates, scenario_of_user)
   targets = test.targets[:, 0]
   rows = {"Retrieval only": target_positions(candidates, targets)}
-  for task, label in (("ctr", "pCTR"), ("ctcvr", "pCTCVR")):
-    rows[f"Retrieval + HiNet ({label})"] = target_positions(rerank(candidates, probs[task]), targets)
+  # A reference re-ranker: training popularity alone (how much of a ranker's order is popularity).
+  popularity = np.bincount(np.concatenate(exp.split.train_sequences), minlength=exp.data.num_items).astype(np.float64)
+  pop_scores = np.where(candidates >= 0, popularity[np.maximum(candidates, 0)], -np.inf)
+  rows["Retrieval + popularity"] = target_positions(rerank(candidates, pop_scores), targets)
+  for label, (ranking_config, ranking_workdir) in rankers.items():
+    rank_exp = ranking_train.build_ranking_experiment(ranking_config)
+    params, _ = ranking_train.restore_params(ranking_workdir, rank_exp, "best")
+    # The ranker's own test history (its maxlen), from the same leave-one-out split.
+    rank_test = exp.split.eval_set("test", ranking_config.maxlen)
+    if not np.array_equal(rank_test.user, test.user):
+      raise ValueError("the retrieval and ranking test users differ: use the same dataset and protocol")
+    probs = rank_candidates(rank_exp, params, rank_test.user, rank_test.history, rank_test.history_len,
+                            candidates, scenario_of_user)
+    for task, name in (("ctr", "pCTR"), ("ctcvr", "pCTCVR")):
+      rows[f"{label} ({name})"] = target_positions(rerank(candidates, probs[task]), targets)
   out = {}
   scen = scenario_of_user[test.user]
+  found = rows["Retrieval only"] < num_candidates
   for name, pos in rows.items():
     m = evaluation.leave_one_out_metrics(pos, ks)
     m[f"Recall@{num_candidates}"] = float(np.mean(pos < num_candidates))
+    m["candidate AUC"] = candidate_auc(pos[found], num_candidates)
     for s, sname in enumerate(ranking_data.ML_SCENARIOS):
       sel = scen == s
       m[f"HR@{ks[0]} {sname[0]}"] = float(np.mean(pos[sel] < ks[0])) if sel.any() else float("nan")
