@@ -124,9 +124,10 @@ def _rows(a, rows):
 
 
 def test_masked_loss_gives_other_scenarios_zero_gradient():
-  batch, tables = _tiny_batch([0, 0, 0, 0, 0])
+  # Every sample in scenario 1 (not 0, so that selecting expert 0 for everyone would be caught).
+  batch, tables = _tiny_batch([1, 1, 1, 1, 1])
   t = len(models.TASKS)
-  own_heads, other_heads = range(0, t), range(t, 3 * t)          # head = scenario * T + task
+  own_heads, other_heads = range(t, 2 * t), [*range(0, t), *range(2 * t, 3 * t)]   # head = scenario * T + task
   for use_san in (True, False):
     g = _grads(models.HiNet(**SPECS, embed_dim=4, sei_hidden=(6, 4), expert_hidden=(6, 4), tower_hidden=(3,),
                             num_sub_experts=2, use_san=use_san), batch, tables)
@@ -137,12 +138,12 @@ def test_masked_loss_gives_other_scenarios_zero_gradient():
     assert _rows(cgc["specific"]["kernel_0"], specific_other) == 0.0
     assert _rows(towers["kernel_0"], own_heads) > 0 and _rows(cgc["gate"]["kernel_0"], own_heads) > 0
     sei = g["sei_specific"]["sub_experts"]["kernel_0"]            # [S*K, in, h]: 2 sub-experts per scenario
-    if use_san:   # the SAN reads the other scenarios' experts: they do learn from scenario 0's samples
-      assert _rows(sei, [2, 3, 4, 5]) > 0
+    if use_san:   # the SAN reads the other scenarios' experts: they do learn from scenario 1's samples
+      assert _rows(sei, [0, 1, 4, 5]) > 0
     else:
-      assert _rows(sei, [2, 3, 4, 5]) == 0.0 and _rows(sei, [0, 1]) > 0
+      assert _rows(sei, [0, 1, 4, 5]) == 0.0 and _rows(sei, [2, 3]) > 0
   g = _grads(models.STARModel(**SPECS, embed_dim=4, expert_hidden=(6, 4), tower_hidden=(3,)), batch, tables)
-  assert _rows(g["star"]["specific_kernel_0"], [1, 2]) == 0.0 and _rows(g["star"]["specific_kernel_0"], [0]) > 0
+  assert _rows(g["star"]["specific_kernel_0"], [0, 2]) == 0.0 and _rows(g["star"]["specific_kernel_0"], [1]) > 0
   assert _rows(g["towers"]["kernel_0"], other_heads) == 0.0
 
 
