@@ -4,7 +4,8 @@ r"""Training throughput of each retrieval model: compile time and examples/s of 
   python experiments/bench_train.py --models= --table_rows=10000,100000,1000000   # step vs table size
 
 MovieLens-100k training examples at maxlen 50, d = 64, K = 4 interests, sampled softmax with 1024
-shared negatives. The input pipeline is included (Grain batches from memory with prefetch), so the
+shared negatives (MV-HAN / MV-DNN: 256, their configs' value). Ranking models (hinet, shared_bottom,
+mmoe, ple, star): MovieLens-100k impressions of experiments/configs/hinet_ml100k.py at its sizes. The input pipeline is included (Grain batches from memory with prefetch), so the
 number is what a training run sees. Prints a table and writes experiments/results/bench/train_<machine>.json.
 """
 
@@ -39,7 +40,10 @@ CONFIGS = {
     "mv_dnn": "mvhan_ml100k.py:model=mv_dnn",
     "multitower": "multitower_ml100k.py",
 }
-flags.DEFINE_list("models", list(CONFIGS), f"Models to time: {sorted(CONFIGS)}.")
+# Ranking models (HiNet and its baselines): their own trainer, MovieLens-100k impressions, 4 scenarios.
+RANKING_CONFIGS = {name: f"hinet_ml100k.py:model={name}" for name in ("hinet", "shared_bottom", "mmoe", "ple", "star")}
+flags.DEFINE_list("models", list(CONFIGS) + list(RANKING_CONFIGS),
+                  f"Models to time: {sorted(CONFIGS) + sorted(RANKING_CONFIGS)}.")
 flags.DEFINE_list("batch_sizes", ["128", "1024"], "Batch sizes.")
 flags.DEFINE_integer("steps", 50, "Timed steps after the compile step.")
 flags.DEFINE_list("table_rows", [], "Also time a two-tower step against the item-table size: rows, e.g. "
@@ -49,8 +53,10 @@ FLAGS = flags.FLAGS
 
 
 def load_config(name: str):
+  if name in RANKING_CONFIGS:
+    return configs.load_config(os.path.join(ROOT, "experiments", "configs", RANKING_CONFIGS[name]))
   if name not in CONFIGS:
-    raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(CONFIGS)}")
+    raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(CONFIGS) + sorted(RANKING_CONFIGS)}")
   cfg = configs.load_config(os.path.join(ROOT, "experiments", "configs", CONFIGS[name]))
   cfg.model.dim = 64
   cfg.maxlen = 50
@@ -60,11 +66,17 @@ def load_config(name: str):
 def bench(name: str, batch_size: int) -> dict:
   cfg = load_config(name)
   cfg.batch_size = batch_size
-  exp = train.build_experiment(cfg)
+  if name in RANKING_CONFIGS:
+    from mvhan_jax.ranking import train as ranking_train  # pylint: disable=import-outside-toplevel
+    exp = ranking_train.build_ranking_experiment(cfg)
+    trainer = ranking_train
+  else:
+    exp = train.build_experiment(cfg)
+    trainer = train
   tx = train.make_optimizer(cfg.optimizer, 10_000)
   key = jax.random.key(0)
-  state = train.init_state(exp, tx, key)
-  step_fn = train.make_train_step(exp, tx)
+  state = trainer.init_state(exp, tx, key)
+  step_fn = trainer.make_train_step(exp, tx)
   batches = pipeline.iterate(pipeline.train_batches(exp.train_source, batch_size, seed=0), 0, prefetch=2)
   t0 = time.perf_counter()
   state, metrics = step_fn(state, next(batches), exp.tables, key)
