@@ -66,6 +66,8 @@ flags.DEFINE_integer("dim", 64, "Embedding width.")
 flags.DEFINE_integer("hidden", 128, "MLP width of both towers.")
 flags.DEFINE_integer("maxlen", 20, "History length.")
 flags.DEFINE_string("mesh", "8x1", "data x model (the batch is split over data).")
+flags.DEFINE_integer("sparse_min_rows", 0, "config.optimizer.sparse_min_rows: 0 = dense AdamW (every row every "
+                     "step); e.g. 65536 = lazy row updates of the item table (mvhan_jax/sparse.py).")
 flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clipping (0: none), as config.optimizer.grad_clip.")
 flags.DEFINE_list("table_axes", ["data", "model"], "Mesh axes splitting the item table's rows.")
 flags.DEFINE_bool("compile_only", False, "Only compile the step against abstract state and print XLA's "
@@ -199,7 +201,8 @@ def main(argv):
       "loss": {"kind": "sampled_softmax", "num_negatives": FLAGS.num_negatives, "logq": True,
                "remove_accidental_hits": True, "temperature": 0.1},
       "optimizer": {"lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 20,
-                    "final_lr_fraction": 0.01, "grad_clip": FLAGS.grad_clip},
+                    "final_lr_fraction": 0.01, "grad_clip": FLAGS.grad_clip,
+                    "sparse_min_rows": FLAGS.sparse_min_rows},
       "mesh": {"data": data, "model": mdl, "table_axes": tuple(FLAGS.table_axes), "min_rows": 65536}})
   sampler = losses.make_sampler("uniform", np.ones(n_items), 0.75)
   exp = train.Experiment(cfg, None, None, source, {}, model, tables, sampler)
@@ -219,6 +222,8 @@ def main(argv):
          "items": n_items, "dim": dim, "batch_size": bsz, "num_negatives": FLAGS.num_negatives,
          "maxlen": FLAGS.maxlen, "hidden": FLAGS.hidden, "mesh": FLAGS.mesh, "table_axes": list(FLAGS.table_axes),
          "devices": jax.device_count(), "table_bytes": n_items * dim * 4,
+         "optimizer": (f"lazy row updates (sparse_min_rows={FLAGS.sparse_min_rows})" if FLAGS.sparse_min_rows
+                       else "dense AdamW"),
          "state_bytes_expected": 3 * n_items * dim * 4}
   print(json.dumps({k: res[k] for k in ("machine", "world", "mesh", "table_axes")}), flush=True)
 
@@ -331,7 +336,7 @@ def markdown(r: dict, json_path: str) -> str:
 {r['items']:,} x {r['dim']} float32 item table ({g(r['table_bytes'])}; with its two AdamW moments
 {g(r['state_bytes_expected'])}) split by rows over {r['devices']} fake CPU devices (mesh {r['mesh']}, rows over
 {tuple(r['table_axes'])}), trained {r['steps']} steps (batch {r['batch_size']}, {r['num_negatives']} shared negatives,
-history {r['maxlen']}){'' if r['finished'] else f" (stopped early: {r['steps']} of {r['steps_planned']} planned steps)"} on the synthetic world with {r['world']['num_items']:,} items, {r['world']['num_users']:,} users
+history {r['maxlen']}, optimizer: {r.get('optimizer', 'dense AdamW')}){'' if r['finished'] else f" (stopped early: {r['steps']} of {r['steps_planned']} planned steps)"} on the synthetic world with {r['world']['num_items']:,} items, {r['world']['num_users']:,} users
 and {r['world']['num_events']:,} events, streamed from its ArrayRecord shards through Grain.
 
 Command (the world first, once: `python experiments/gen_synthetic.py --num_items 10000000 --num_users 1000000
@@ -360,9 +365,7 @@ Raw numbers: `{json_path}`.
 
 Per-device memory on CPU comes from the arrays and XLA's analysis (`memory_stats()` is unavailable
 for CPU devices); the process's resident set holds all 8 devices plus the host side (feature tables
-replicated per device, the world's readers, Python). Every step reads and writes the whole table and
-both moments (a batch's gradient touches few rows, but AdamW with weight decay updates every row; the
-gradient is a dense [rows, 64] buffer per device, XLA's temporaries above), on 2 cores shared by 8
+replicated per device, the world's readers, Python). {"With dense AdamW every step reads and writes the whole table and both moments (a batch's gradient touches few rows, but AdamW with weight decay updates every row; the gradient is a dense [rows, 64] buffer per device, XLA's temporaries above)" if not r.get('optimizer', 'dense').startswith('lazy') else "With lazy row updates a step gathers, updates and scatters back only the rows the batch looks up (targets, histories, shared negatives), in place in the donated table and moments; no table-sized gradient exists"}, on 2 cores shared by 8
 fake devices.
 
 Init: parameters, then AdamW state, in two jits with output shardings (`init_state_two_jits`: the
