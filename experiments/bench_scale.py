@@ -6,8 +6,8 @@ synthetic world with 10^7 items streamed from its ArrayRecord shards.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
     python experiments/bench_scale.py --world=runs/scale/world_1e7 --steps=300 --mesh=8x1
 
-Model and step are the trainer's own (a two-tower model, `train.init_state`'s state (built in two
-jits, see `init_state_two_jits`), `train.make_optimizer`
+Model and step are the trainer's own (a two-tower model, `train.init_state` (two jits with output
+shardings: parameters, then the optimizer state), `train.make_optimizer`
 (AdamW, clipping, cosine), `train.make_train_step`, `sharding.pin_shardings`, `sharding.global_batch`),
 with sampled softmax over ``--num_negatives`` uniform shared negatives. The item-id table, its
 AdamW moments and its gradient are split by rows over every device (``config.mesh.table_axes``); the
@@ -160,20 +160,6 @@ def per_device_state_bytes(state) -> dict[int, int]:
   return out
 
 
-def init_state_two_jits(exp: train.Experiment, tx, rng, mesh) -> train.TrainState:
-  """`train.init_state`'s state (same values, same shardings), created by two jits: the parameters,
-  then the optimizer state from them. One jit keeps the table's random-number temporaries (3 shards'
-  worth per device at 10^7 x 64) live beside the AdamW moments: a 15.4 GB peak here instead of 10.2."""
-  mcfg = sharding.mesh_config(exp.config)
-  batch = train.example_batch(exp.train_source, 2)
-  params_fn = lambda key, b: exp.model.init({"params": key, "routing": key, "dropout": key}, b, exp.tables)
-  params, _ = sharding.init_sharded(params_fn, mesh, mcfg, rng, batch)
-  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh, mcfg)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  return train.TrainState(step=sharding.put_replicated(np.zeros((), np.int32), mesh), params=params,
-                          opt_state=opt_state)
-
-
 def main(argv):
   del argv
   if FLAGS.markdown_from:
@@ -248,7 +234,7 @@ def main(argv):
 
   # State created inside jit with its shardings: no device ever holds the whole table.
   t0 = time.perf_counter()
-  state = init_state_two_jits(exp, tx, jax.random.key(0), mesh)
+  state = train.init_state(exp, tx, jax.random.key(0), mesh)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   rss["after_init"] = rss_bytes()
@@ -368,9 +354,8 @@ for CPU devices); the process's resident set holds all 8 devices plus the host s
 replicated per device, the world's readers, Python). {"With dense AdamW every step reads and writes the whole table and both moments (a batch's gradient touches few rows, but AdamW with weight decay updates every row; the gradient is a dense [rows, 64] buffer per device, XLA's temporaries above)" if not r.get('optimizer', 'dense').startswith('lazy') else "With lazy row updates a step gathers, updates and scatters back only the rows the batch looks up (targets, histories, shared negatives), in place in the donated table and moments; no table-sized gradient exists"}, on 2 cores shared by 8
 fake devices.
 
-Init: parameters, then AdamW state, in two jits with output shardings (`init_state_two_jits`: the
-values and shardings of `train.init_state`: the same init function and key, then `tx.init` of those parameters). Its one
-jit keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
+Init: parameters, then AdamW state, in two jits with output shardings (`train.init_state`). One
+jit (`train._state_init_fn`, what `train.abstract_state` traces) keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
 per-device analysis (outputs 0.89 GiB + temporaries 0.89 GiB, 14.3 GiB over 8 devices), which did not
 fit beside the machine's other jobs.
 """
