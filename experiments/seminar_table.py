@@ -100,7 +100,8 @@ Produced by (its own workdirs; the rows above are not rerun):
 {cmd}
 ```
 
-Machine: {report.machine_description()}. The ablation rows: experiments/results/seminar_ml100k.md.
+Machine: {report.machine_description()}. Run times (and any ablation rows run):
+experiments/results/seminar_ml100k.md.
 """
   report.write_section(FLAGS.ml100k_section, "seminar", body)
 
