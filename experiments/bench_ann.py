@@ -459,7 +459,40 @@ def markdown(results) -> str:
           f"\n**{kind}**: {which}: {b['method']} {b['setting']}: recall "
           f"{b['recall']:.4f}, {b['qps']:,.0f} q/s; hnswlib at that recall: {hnsw}; "
           f"target met: {s['meets_target']}")
+    t = src.get("autotune")
+    if t and "error" in t:
+      lines.append(f"\n**autotune** (target recall@10 {t['target_recall']}): {t['error']}")
+    elif t:
+      c = t["config"]
+      lines.append(
+          f"\n**autotune** (target recall@10 {t['target_recall']}, multi-interest users, "
+          f"{len(t['curve'])} settings, {t['tune_s']:.0f} s): {c['num_leaves']} leaves, search "
+          f"{c['num_leaves_to_search']}, reorder {c['reorder_k']}: recall {t['recall']:.4f} "
+          f"(accepted with margin {t['margin']:.4f}), {t['queries_per_s']:,.0f} users/s on one "
+          f"thread, build {t['build_time_s']:.0f} s, index {t['index_bytes'] / 2**20:.0f} MiB")
   return "\n".join(lines)
+
+
+def bench_autotune(items, multi, mask, args) -> dict:
+  """retrieval.autotune on the multi-interest queries: the chosen setting, build time, index size."""
+  grid = [retrieval.IndexConfig(num_leaves=nl, num_leaves_to_search=max(1, int(round(nl * f))),
+                                reorder_k=r)
+          for nl in args.scann_leaves for f in args.leaf_fracs for r in args.reorders]
+  n = args.recall_queries
+  _log(f"autotune target {args.autotune}: {len(grid)} settings, {n} users")
+  t0 = time.perf_counter()
+  try:
+    res = retrieval.autotune(items, multi[:n], args.autotune, _K, candidates=grid,
+                             query_mask=mask[:n], repeats=args.repeats)
+  except ValueError as e:  # no setting of the grid reaches the target: keep the other results
+    _log(f"autotune: {e}")
+    return {"target_recall": args.autotune, "error": str(e), "tune_s": time.perf_counter() - t0}
+  out = res.as_dict()
+  out["tune_s"] = time.perf_counter() - t0
+  _log(f"autotune chose {out['config']}: recall {res.recall:.4f} (margin {res.margin:.4f}), "
+       f"{res.queries_per_s:,.0f} users/s 1 thread, build {res.build_time_s:.0f} s, "
+       f"{res.index_bytes / 2**20:.0f} MiB; tuning took {out['tune_s']:.0f} s")
+  return out
 
 
 def machine_info(threads: int) -> dict:
@@ -511,12 +544,15 @@ def main():
   p.add_argument("--hnsw_ef", default="40,80,160,320,640")
   p.add_argument("--faiss", type=int, default=1)
   p.add_argument("--profile", type=int, default=1)
+  p.add_argument("--autotune", type=float, default=0.0,
+                 help="also run retrieval.autotune for this recall@10 target on the multi-interest "
+                      "queries (grid: --scann_leaves x --leaf_fracs x --reorders); 0 = off")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument("--batch", type=int, default=256, help="ScaNN parallel batch size")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--machine", default=None, help="name in the output file (default: host)")
-  p.add_argument("--out_dir", default=os.path.join(os.path.dirname(__file__), "results", "bench"))
+  p.add_argument("--out_dir", default=os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench")))
   args = p.parse_args()
   root = int(round(np.sqrt(args.num_items)))
   args.scann_leaves = ([int(x) for x in args.scann_leaves.split(",")] if args.scann_leaves
@@ -554,7 +590,8 @@ def main():
       rows += bench_hnswlib(items, single, multi, mask, gt_single, gt_multi, args)
     if args.faiss:
       rows += bench_faiss(items, single, gt_single, args)
-    results["sources"].append(dict(
+    tuned = bench_autotune(items, multi, mask, args) if args.autotune else None
+    results["sources"].append(dict(autotune=tuned,
         name=src, command=results["command"], machine=results["machine"],
         load_start=results["load_start"], num_items=args.num_items, dim=args.dim,
         num_queries=args.num_queries,
