@@ -13,9 +13,9 @@ instead of the CGC task layer); 'smoke' (a few steps of a tiny model, for tests)
 Data: see mvhan_jax/ranking/data.py (leave-one-out time order; tasks: interaction vs sampled
 non-interaction, rating >= 4 given interaction; 1 negative per training interaction, 50 per
 held-out item; training negatives may be the user's later items, no future leak).
-Expected result (2-core CPU, 3 epochs, ~6 minutes per run on a busy machine): HiNet test CTR AUC
-0.768, CTCVR AUC 0.771 over all scenarios (seed 0; validation 0.800 / 0.812); per-scenario numbers
-for every model in experiments/results/hinet_ml100k.md.
+Expected result (2-core CPU, 3 epochs, 2-6 minutes per run): HiNet test CTR AUC 0.762 ± 0.005,
+CTCVR AUC 0.765 ± 0.006 over all scenarios (seeds 0, 1, 2); per-scenario numbers for every model and
+ablation in experiments/results/hinet_ml100k.md.
 """
 
 import ml_collections
