@@ -49,6 +49,10 @@ flags.DEFINE_integer("steps", 50, "Timed steps after the compile step.")
 flags.DEFINE_list("table_rows", [], "Also time a two-tower step against the item-table size: rows, e.g. "
                   "10000,100000,1000000 (random ids, batch 256, 1,024 negatives), dense AdamW vs lazy rows.")
 flags.DEFINE_string("out_dir", "experiments/results/bench", "Where the JSON goes.")
+flags.DEFINE_bool("cost_analysis", False, "Also report XLA's cost analysis of each compiled step "
+                  "(GFLOP and GB accessed per step).")
+flags.DEFINE_string("json_suffix", "", "Appended to the JSON file's name (train_<machine><suffix>.json), "
+                    "so that a partial run does not replace the full table's file.")
 FLAGS = flags.FLAGS
 
 
@@ -87,9 +91,16 @@ def bench(name: str, batch_size: int) -> dict:
     state, metrics = step_fn(state, next(batches), exp.tables, key)
   jax.block_until_ready(metrics)
   dt = time.perf_counter() - t0
-  return {"model": name, "batch_size": batch_size, "compile_plus_first_step_s": compile_s,
-          "examples_per_s": FLAGS.steps * batch_size / dt, "step_ms": 1000 * dt / FLAGS.steps,
-          "params": sum(x.size for x in jax.tree.leaves(state.params))}
+  row = {"model": name, "batch_size": batch_size, "compile_plus_first_step_s": compile_s,
+         "examples_per_s": FLAGS.steps * batch_size / dt, "step_ms": 1000 * dt / FLAGS.steps,
+         "params": sum(x.size for x in jax.tree.leaves(state.params))}
+  if FLAGS.cost_analysis:
+    cost = step_fn.lower(state, next(batches), exp.tables, key).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    row["gflop_per_step"] = float(cost.get("flops", 0.0)) / 1e9
+    row["gb_accessed_per_step"] = float(cost.get("bytes accessed", 0.0)) / 1e9
+    row["achieved_gflop_per_s"] = row["gflop_per_step"] / (dt / FLAGS.steps)
+  return row
 
 
 def bench_table_size(rows: int, optimizer: str, steps: int = 20, batch_size: int = 256) -> dict:
@@ -145,11 +156,13 @@ def main(argv):
   table_rows = [bench_table_size(int(n), opt) for n in FLAGS.table_rows for opt in ("dense", "sparse")]
   machine = report.machine_description()
   print(f"\nMachine: {machine}\n")
-  print("| model | batch | examples/s | step ms | compile + first step s | params |")
-  print("|---|---|---|---|---|---|")
+  print("| model | batch | examples/s | step ms | compile + first step s | params | GFLOP / step | GB / step | GFLOP/s |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
+    cost = (f"{r['gflop_per_step']:.2f} | {r['gb_accessed_per_step']:.2f} | {r['achieved_gflop_per_s']:.1f}"
+            if "gflop_per_step" in r else " | | ")
     print(f"| {r['model']} | {r['batch_size']} | {r['examples_per_s']:,.0f} | {r['step_ms']:.1f} | "
-          f"{r['compile_plus_first_step_s']:.1f} | {r['params']:,} |")
+          f"{r['compile_plus_first_step_s']:.1f} | {r['params']:,} | {cost} |")
   if table_rows:
     print("\n| item-table rows | optimizer | step ms | CPU ms / step | examples/s | compile + first step s |")
     print("|---|---|---|---|---|---|")
@@ -158,7 +171,7 @@ def main(argv):
             f"{r['examples_per_s']:,.0f} | {r['compile_plus_first_step_s']:.1f} |")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   tag = f"{jax.devices()[0].platform}_{platform.machine()}_{os.cpu_count()}cores"
-  with open(os.path.join(FLAGS.out_dir, f"train_{tag}.json"), "w") as f:
+  with open(os.path.join(FLAGS.out_dir, f"train_{tag}{FLAGS.json_suffix}.json"), "w") as f:
     json.dump({"machine": machine, "jax": jax.__version__, "load_average": os.getloadavg(),
                "command": " ".join(["python"] + sys.argv), "rows": rows, "table_rows": table_rows}, f, indent=2)
 
