@@ -214,7 +214,8 @@ def main(argv):
   print(json.dumps({k: res[k] for k in ("machine", "world", "mesh", "table_axes")}), flush=True)
 
   if FLAGS.compile_only:
-    init_fn = train._state_init_fn(exp, tx)  # pylint: disable=protected-access  # what init_state compiles
+    # The one-jit form of the state (abstract_state traces it; init_state splits it in two jits).
+    init_fn = train._state_init_fn(exp, tx)  # pylint: disable=protected-access
     init_args = sharding.put_replicated((jax.random.key(0), train.example_batch(source, 2)), mesh)
     state = train.abstract_state(exp, tx, mesh)
     init_mem = jax.jit(init_fn, out_shardings=jax.tree.map(lambda x: x.sharding, state)).lower(

@@ -180,9 +180,18 @@ def example_batch(source, batch_size: int) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _state_init_fn(exp: Experiment, tx) -> Callable:
+def _params_init_fn(exp: Experiment) -> Callable:
   def _init(rng, batch):
-    params = exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
+    return exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
+  return _init
+
+
+def _state_init_fn(exp: Experiment, tx) -> Callable:
+  """The whole state in one function: its shapes are `init_state`'s (traced by `abstract_state`)."""
+  params_init = _params_init_fn(exp)
+
+  def _init(rng, batch):
+    params = params_init(rng, batch)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return _init
 
@@ -191,15 +200,13 @@ def init_state(exp: Experiment, tx, rng, mesh=None) -> TrainState:
   """Parameters and optimizer state created inside ``jit`` with their shardings on ``mesh`` (default:
   from ``config.mesh``): a row-sharded table is never whole on one device (mvhan_jax/sharding.py).
 
-  Two jits, the parameters then the optimizer state from them (the values and shardings of
-  `_state_init_fn` in one jit): one jit keeps a table's random-number temporaries alive beside the
-  Adam moments, a peak of twice the state (15.4 GB instead of 10.2 for a 10^7 x 64 table on 8 CPU
-  devices, experiments/bench_scale.py)."""
+  Two jits, the parameters (`_params_init_fn`) then the optimizer state from them: `_state_init_fn`
+  in one jit keeps a table's random-number temporaries alive beside the Adam moments (for a 10^7 x
+  64 table on 8 CPU devices, 0.89 GiB of temporaries beside 0.89 GiB of state per device:
+  `experiments/bench_scale.py --compile_only`)."""
   mesh = mesh or sharding.mesh_from_config(exp.config)
   mesh_cfg = sharding.mesh_config(exp.config)
-  params, _ = sharding.init_sharded(
-      lambda key, batch: exp.model.init({"params": key, "routing": key, "dropout": key}, batch, exp.tables),
-      mesh, mesh_cfg, rng, example_batch(exp.train_source, 2))
+  params, _ = sharding.init_sharded(_params_init_fn(exp), mesh, mesh_cfg, rng, example_batch(exp.train_source, 2))
   opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh, mesh_cfg)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   step = sharding.put_replicated(np.zeros((), np.int32), mesh)

@@ -130,8 +130,8 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
     }
   res["lookup"] = look
 
-  # The trainer's own init (train.init_state's function: parameters and Adam state created inside
-  # jit with their shardings) and step (make_train_step + pin_shardings) on (8,1), (4,2), (2,4)
+  # The trainer's own init (train.init_state: parameters, then Adam state, created inside jit with
+  # their shardings) and step (make_train_step + pin_shardings) on (8,1), (4,2), (2,4)
   # against 1 device; the item table (1024 rows, min_rows 256) is split by rows over 'model'.
   model = TwoTower(num_items=1024, user_specs=(FeatureSpec("age", "categorical", 3),),
                    item_specs=(FeatureSpec("genre", "categorical", 5),), dim=16, hidden=(32,))
@@ -146,22 +146,22 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   sampler = losses.make_sampler("popularity", np.bincount(seqs.ravel(), minlength=n_items), 0.75)
   exp = train.Experiment(cfg, None, None, source, {}, model, tables, sampler)
   step_batches = [source.take(np.arange(i * bsz, (i + 1) * bsz)) for i in range(3)]
-  mcfg = sharding.mesh_config(cfg)
   runs, init_hlo, states = {}, {}, {}
-  base_params = [np.asarray(x) for x in jax.tree.leaves(sharding.init_sharded(
-      train._state_init_fn(exp, optax.adam(3e-3)), sharding.make_mesh(1, 1, devices=jax.devices()[:1]), mcfg,  # pylint: disable=protected-access
-      jax.random.key(0), train.example_batch(source, 2))[0].params)]
+  base_params = [np.asarray(x) for x in jax.tree.leaves(train.init_state(
+      exp, optax.adam(3e-3), jax.random.key(0), sharding.make_mesh(1, 1, devices=jax.devices()[:1])).params)]
   for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
     tx = optax.adam(3e-3)
-    init_fn = train._state_init_fn(exp, tx)  # pylint: disable=protected-access  # what init_state runs
-    init_args = (jax.random.key(0), train.example_batch(source, 2))
-    st, st_shardings = sharding.init_sharded(init_fn, mesh, mcfg, *init_args)
+    st = train.init_state(exp, tx, jax.random.key(0), mesh)
     if shape in ((1, 1), (2, 4)):
       specs = {jax.tree_util.keystr(k, simple=True, separator="/"): [str(v.sharding.spec), v.addressable_shards[0].data.shape[0]]
                for k, v in jax.tree_util.tree_leaves_with_path(st) if v.ndim == 2}
-      # The per-device program of that init (the same jit, re-lowered: a cache hit, not a compile).
-      text = jax.jit(init_fn, out_shardings=st_shardings).lower(*sharding.put_replicated(init_args, mesh)).compile().as_text()
+      # The per-device programs of init_state's two jits, lowered again with the shardings it gave.
+      init_args = sharding.put_replicated((jax.random.key(0), train.example_batch(source, 2)), mesh)
+      shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+      text = (jax.jit(train._params_init_fn(exp), out_shardings=shardings_of(st.params))  # pylint: disable=protected-access
+              .lower(*init_args).compile().as_text()
+              + jax.jit(tx.init, out_shardings=shardings_of(st.opt_state)).lower(st.params).compile().as_text())
       init_hlo[str(shape)] = {"specs": specs, "table_rows": sorted({int(r) for r in re.findall(r"[uf]32\[(\d+),16\]", text)})}
     step = sharding.pin_shardings(train.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
     tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
@@ -189,8 +189,7 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   for shape in ((1, 1), (2, 4)):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
     tx = sparse.SparseTableAdamW(lambda count: 3e-3, weight_decay=0.01, grad_clip=1.0, min_rows=256)
-    st, _ = sharding.init_sharded(train._state_init_fn(exp, tx), mesh, mcfg,  # pylint: disable=protected-access
-                                  jax.random.key(0), train.example_batch(source, 2))
+    st = train.init_state(exp, tx, jax.random.key(0), mesh)
     step = sharding.pin_shardings(train.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
     tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
     for bt in step_batches:
