@@ -3,7 +3,7 @@ r"""Train steps on an accelerator against the roofline: compile time, step time,
   python experiments/bench_accel.py --models=mind,mvhan,two_tower --batch_sizes=128,1024,8192 \
       --dtypes=float32,bfloat16
 
-For each (model, compute dtype, batch): the jitted train step of `mvhan_jax.train.make_train_step`
+For each (model, compute dtype, batch): the jitted train step of `mvhan_jax.rtask.make_train_step`
 (MovieLens-100k examples, d = 64, K = 4, maxlen 50, the model config's sampled softmax) is lowered and
 compiled once (compile seconds reported apart), then timed on a device-resident batch (median of
 --repeats windows of --steps steps, each window ended by block_until_ready), and once more fed by
@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 from mvhan_jax import configs  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 
 CONFIGS = {
@@ -131,11 +132,11 @@ def bench(name: str, batch_size: int, dtype: str, ceilings: dict) -> dict:
   cfg.maxlen = 50
   cfg.batch_size = batch_size
   cfg.compute_dtype = dtype
-  exp = train.build_experiment(cfg)
+  exp = rtask.build_experiment(cfg)
   tx = train.make_optimizer(cfg.optimizer, 10_000)
   key = jax.random.key(0)
-  state = train.init_state(exp, tx, key)
-  step_fn = train.make_train_step(exp, tx)
+  state = rtask.init_state(exp, tx, key)
+  step_fn = rtask.make_train_step(exp, tx)
   batches = pipeline.iterate(pipeline.train_batches(exp.train_source, batch_size, seed=0), 0, prefetch=2)
   batch = jax.device_put(next(batches))
   tables = jax.device_put(exp.tables)

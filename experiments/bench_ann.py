@@ -102,12 +102,12 @@ def trained_vectors(config_path: str, workdir: str, num_queries: int, seed: int)
   users drawn at random (each one a query a serving system issues).
   """
   from mvhan_jax import configs, train  # pylint: disable=g-import-not-at-top
-  exp = train.build_experiment(configs.load_config(config_path))
-  params, step = train.restore_params(workdir, exp)
-  items = train.encode_items(exp, params)
+  exp = rtask.build_experiment(configs.load_config(config_path))
+  params, step = rtask.restore_params(workdir, exp)
+  items = rtask.encode_items(exp, params)
   vecs, masks = [], []
   for split in ("valid", "test"):
-    v, m = train.encode_users(exp, params, exp.eval_sets[split])
+    v, m = rtask.encode_users(exp, params, exp.eval_sets[split])
     if m is None:
       raise ValueError(f"--trained_workdir={workdir!r} holds a single-vector model: the benchmark "
                        "needs a multi-interest one (e.g. experiments/configs/mind_synthetic_1m.py)")

@@ -6,9 +6,9 @@ synthetic world with 10^7 items streamed from its ArrayRecord shards.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
     python experiments/bench_scale.py --world=runs/scale/world_1e7 --steps=300 --mesh=8x1
 
-Model and step are the trainer's own (a two-tower model, `train.init_state` (two jits with output
+Model and step are the trainer's own (a two-tower model, `rtask.init_state` (two jits with output
 shardings: parameters, then the optimizer state), `train.make_optimizer`
-(AdamW, clipping, cosine), `train.make_train_step`, `sharding.pin_shardings`, `sharding.global_batch`),
+(AdamW, clipping, cosine), `rtask.make_train_step`, `sharding.pin_shardings`, `sharding.global_batch`),
 with sampled softmax over ``--num_negatives`` uniform shared negatives. The item-id table, its
 AdamW moments and its gradient are split by rows over every device (``config.mesh.table_axes``); the
 MLPs and the small feature tables are replicated.
@@ -53,6 +53,7 @@ from mvhan_jax import losses  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import sharding  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 from mvhan_jax.data import synthetic  # noqa: E402
 from mvhan_jax.data.types import FeatureSpec  # noqa: E402
@@ -191,13 +192,13 @@ def main(argv):
                     "sparse_min_rows": FLAGS.sparse_min_rows},
       "mesh": {"data": data, "model": mdl, "table_axes": tuple(FLAGS.table_axes), "min_rows": 65536}})
   sampler = losses.make_sampler("uniform", np.ones(n_items), 0.75)
-  exp = train.Experiment(cfg, None, None, source, {}, model, tables, sampler)
+  exp = rtask.Experiment(cfg, None, None, source, {}, model, tables, sampler)
   mesh = sharding.mesh_from_config(cfg)
   tx = train.make_optimizer(cfg.optimizer, total_steps)
   ds = pipeline.train_batches(source, bsz, seed=0)
   bs = sharding.batch_sharding(mesh, bsz)
   tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
-  step = train.make_train_step(exp, tx)
+  step = rtask.make_train_step(exp, tx)
   setup_s = time.perf_counter() - t_start
   rss = {"after_setup": rss_bytes()}
 
@@ -217,7 +218,7 @@ def main(argv):
     # The one-jit form of the state (abstract_state traces it; init_state splits it in two jits).
     init_fn = train._state_init_fn(exp, tx)  # pylint: disable=protected-access
     init_args = sharding.put_replicated((jax.random.key(0), train.example_batch(source, 2)), mesh)
-    state = train.abstract_state(exp, tx, mesh)
+    state = rtask.abstract_state(exp, tx, mesh)
     init_mem = jax.jit(init_fn, out_shardings=jax.tree.map(lambda x: x.sharding, state)).lower(
         *init_args).compile().memory_analysis()
     print(json.dumps({"init_per_device_bytes": {"outputs": init_mem.output_size_in_bytes,
@@ -235,7 +236,7 @@ def main(argv):
 
   # State created inside jit with its shardings: no device ever holds the whole table.
   t0 = time.perf_counter()
-  state = train.init_state(exp, tx, jax.random.key(0), mesh)
+  state = rtask.init_state(exp, tx, jax.random.key(0), mesh)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   rss["after_init"] = rss_bytes()
@@ -355,8 +356,8 @@ for CPU devices); the process's resident set holds all 8 devices plus the host s
 replicated per device, the world's readers, Python). {"With dense AdamW every step reads and writes the whole table and both moments (a batch's gradient touches few rows, but AdamW with weight decay updates every row; the gradient is a dense [rows, 64] buffer per device, XLA's temporaries above)" if not r.get('optimizer', 'dense').startswith('lazy') else "With lazy row updates a step gathers, updates and scatters back only the rows the batch looks up (targets, histories, shared negatives), in place in the donated table and moments; no table-sized gradient exists"}, on 2 cores shared by 8
 fake devices.
 
-Init: parameters, then AdamW state, in two jits with output shardings (`train.init_state`). One
-jit (`train._state_init_fn`, what `train.abstract_state` traces) keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
+Init: parameters, then AdamW state, in two jits with output shardings (`rtask.init_state`). One
+jit (`train._state_init_fn`, what `rtask.abstract_state` traces) keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
 per-device analysis (outputs 0.89 GiB + temporaries 0.89 GiB, 14.3 GiB over 8 devices), which did not
 fit beside the machine's other jobs.
 """

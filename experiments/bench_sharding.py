@@ -3,7 +3,7 @@ r"""A row-sharded item table on a fake multi-device CPU mesh: per-device memory,
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
     python experiments/bench_sharding.py --items=1000000 --dim=64 --steps=50 --meshes=8x1,1x8
 
-The trainer's own pieces (train.init_state, make_train_step, sharding.pin_shardings, global_batch) on
+The trainer's own pieces (rtask.init_state, make_train_step, sharding.pin_shardings, global_batch) on
 a two-tower model whose item table has ``--items`` rows, trained with sampled softmax (1024 shared
 negatives) on uniformly random histories and targets. Per mesh it records: the per-device bytes of
 the compiled step (arguments, outputs, temporaries: XLA's memory analysis), the step time after
@@ -36,6 +36,7 @@ from mvhan_jax import losses  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import sharding  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 from mvhan_jax.data.types import FeatureSpec  # noqa: E402
 from mvhan_jax.models.two_tower import TwoTower  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv):
                                             "remove_accidental_hits": True, "temperature": 0.1},
                                    "mesh": {"min_rows": 65536}})
   sampler = losses.make_sampler("uniform", np.ones(n), 0.75)
-  exp = train.Experiment(cfg, None, None, source, {}, model, tables, sampler)
+  exp = rtask.Experiment(cfg, None, None, source, {}, model, tables, sampler)
   ds = pipeline.train_batches(source, bsz, seed=0)
   results = {"command": "python " + " ".join(sys.argv), "machine": report.machine_description(),
              "items": n, "dim": d, "batch_size": bsz, "table_bytes": n * d * 4, "meshes": {}}
@@ -77,9 +78,9 @@ def main(argv):
     mesh = sharding.make_mesh(data, mdl)
     tx = optax.adam(1e-3)
     t0 = time.perf_counter()
-    state = train.init_state(exp, tx, jax.random.key(0), mesh)
+    state = rtask.init_state(exp, tx, jax.random.key(0), mesh)
     init_s = time.perf_counter() - t0
-    step = sharding.pin_shardings(train.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, state))
+    step = sharding.pin_shardings(rtask.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, state))
     tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
     bs = sharding.batch_sharding(mesh, bsz)
     batch0 = sharding.global_batch(ds[0], bs)

@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 from mvhan_jax import configs  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 
 CONFIGS = {
@@ -71,11 +72,11 @@ def bench(name: str, batch_size: int) -> dict:
   cfg = load_config(name)
   cfg.batch_size = batch_size
   if name in RANKING_CONFIGS:
-    from mvhan_jax.ranking import train as ranking_train  # pylint: disable=import-outside-toplevel
+    from mvhan_jax.tasks import ranking as ranking_train  # pylint: disable=import-outside-toplevel
     exp = ranking_train.build_ranking_experiment(cfg)
     trainer = ranking_train
   else:
-    exp = train.build_experiment(cfg)
+    exp = rtask.build_experiment(cfg)
     trainer = train
   tx = train.make_optimizer(cfg.optimizer, 10_000)
   key = jax.random.key(0)
@@ -128,11 +129,11 @@ def bench_table_size(rows: int, optimizer: str, steps: int = 20, batch_size: int
       "optimizer": {"lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant", "warmup_steps": 1,
                     "final_lr_fraction": 1.0, "grad_clip": 1.0,
                     "sparse_min_rows": 1 if optimizer == "sparse" else 0}})
-  exp = train.Experiment(cfg, None, None, source, {}, model, tables, losses.make_sampler("uniform", np.ones(rows), 0.75))
+  exp = rtask.Experiment(cfg, None, None, source, {}, model, tables, losses.make_sampler("uniform", np.ones(rows), 0.75))
   tx = train.make_optimizer(cfg.optimizer, 10_000)
   key = jax.random.key(0)
-  state = train.init_state(exp, tx, key)
-  step_fn = train.make_train_step(exp, tx)
+  state = rtask.init_state(exp, tx, key)
+  step_fn = rtask.make_train_step(exp, tx)
   ds = pipeline.train_batches(source, batch_size, seed=0)
   batches = [ds[i] for i in range(steps + 1)]
   t0 = time.perf_counter()

@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax.ranking import data as ranking_data  # noqa: E402
-from mvhan_jax.ranking import train as ranking_train  # noqa: E402
+from mvhan_jax.tasks import ranking as ranking_train  # noqa: E402
+from mvhan_jax import train as train_loop
 
 flags.DEFINE_list("datasets", ["synthetic", "ml100k"], "Which tables: ml100k, synthetic.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
@@ -81,7 +82,7 @@ def _run_rows(dataset: str, rows: dict[str, str], data, cache: dict) -> dict[str
       if key not in cache:
         cfg = _config(dataset, args, seed)
         workdir = os.path.join(FLAGS.workdir_root, dataset, args.replace(",", "_").replace("=", "-"), f"seed{seed}")
-        cache[key] = ranking_train.train_and_evaluate(cfg, workdir, data=data)
+        cache[key] = train_loop.train_and_evaluate(cfg, workdir, data=data)
         print(f"{dataset} {name} seed {seed}: CTR AUC {cache[key]['test']['ctr/AUC/all']:.4f}", flush=True)
       out[name].append(cache[key])
   return out

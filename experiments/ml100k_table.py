@@ -24,6 +24,7 @@ from mvhan_jax import evaluation  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/ml100k.md", "Markdown file to write.")
@@ -65,7 +66,7 @@ def main(argv):
       results = train.train_and_evaluate(cfg, workdir)
       rows[name].append({**results["test"], "ANN recall@50": results["index"]["ann_recall@50"]})
       print(f"{name} seed {seed}: {rows[name][-1]}", flush=True)
-  pop = popularity(train.build_experiment(load_config(MODELS[next(iter(MODELS))])))
+  pop = popularity(rtask.build_experiment(load_config(MODELS[next(iter(MODELS))])))
   rows["Popularity"] = [{**pop, "ANN recall@50": float("nan")}]
   table = report.mean_std_table(rows, METRICS)
   seeds = ",".join(FLAGS.seeds)

@@ -49,6 +49,7 @@ from mvhan_jax import evaluation  # noqa: E402
 from mvhan_jax import losses  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 from mvhan_jax.data import protocol  # noqa: E402
@@ -148,15 +149,15 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
         continue
       t0 = time.time()
       res = dict(train.train_and_evaluate(cfg, workdir)["test"])
-      exp = train.build_experiment(cfg)
-      params, _ = train.restore_params(workdir, exp)
+      exp = rtask.build_experiment(cfg)
+      params, _ = rtask.restore_params(workdir, exp)
       test = exp.eval_sets["test"]
-      users, mask = train.encode_users(exp, params, test)
+      users, mask = rtask.encode_users(exp, params, test)
       res["interest cos"] = multitower.mean_pairwise_cosine(users, mask)
       if name == "synthetic":
         truth = _world(cfg).ground_truth()
         res["interests recovered"] = evaluation.interests_recovered(
-            users, mask, train.encode_items(exp, params), truth["item_topic"], truth["user_interests"], test.user)
+            users, mask, rtask.encode_items(exp, params), truth["item_topic"], truth["user_interests"], test.user)
       rows.setdefault(row_name, []).append(res)
       timing.setdefault(f"{name}: {row_name}", []).append(time.time() - t0)
       _save_cached(workdir, res, time.time() - t0)
@@ -194,8 +195,8 @@ def cold_metrics(exp, params, held: np.ndarray, k: int = 50) -> dict[str, float]
   """HR@k / Recall@k over the test users' held-out ('cold') targets and, separately, their other
   ('warm') targets; a user counts for a group when it has at least one target of that group."""
   test = exp.eval_sets["test"]
-  users, mask = train.encode_users(exp, params, test)
-  _, top = evaluation.exact_topk(users, train.encode_items(exp, params), k, query_mask=mask,
+  users, mask = rtask.encode_users(exp, params, test)
+  _, top = evaluation.exact_topk(users, rtask.encode_items(exp, params), k, query_mask=mask,
                                  exclude_indptr=test.exclude_indptr, exclude_indices=test.exclude_indices)
   top = np.asarray(top)
   out = {}
@@ -235,12 +236,12 @@ def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
       cfg.seed = seed
       if key == "mt_serve_repel_keepid":
         cfg.model.drop_unseen_ids = False
-      exp, held = hold_out_items(train.build_experiment(cfg), FLAGS.cold_fraction, seed)
+      exp, held = hold_out_items(rtask.build_experiment(cfg), FLAGS.cold_fraction, seed)
       steps = cfg.get("total_steps") or FLAGS.cold_epochs * (len(exp.train_source) // cfg.batch_size)
       tx = train.make_optimizer(cfg.optimizer, steps)
       init_key, step_key = jax.random.split(jax.random.key(seed))
-      state = train.init_state(exp, tx, init_key)
-      train_step = train.make_train_step(exp, tx)
+      state = rtask.init_state(exp, tx, init_key)
+      train_step = rtask.make_train_step(exp, tx)
       batches = pipeline.iterate(pipeline.train_batches(exp.train_source, cfg.batch_size, seed=seed))
       for _ in range(steps):
         state, _ = train_step(state, next(batches), exp.tables, step_key)

@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which dataset's table.")
@@ -91,7 +92,7 @@ def main(argv):
       for args, types in ROWS[row]:
         args = ",".join(filter(None, [args, FLAGS.extra]))
         res, cfg = run(args, seed)
-        names = names or train.build_experiment(cfg).type_names
+        names = names or rtask.build_experiment(cfg).type_names
         for t, name in enumerate(names, start=1):
           if types is None or t in types:
             for m in ("HR@50", "AUC", "HR@10"):

@@ -29,7 +29,8 @@ from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train as retrieval_train  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax.ranking import rerank  # noqa: E402
-from mvhan_jax.ranking import train as ranking_train  # noqa: E402
+from mvhan_jax.tasks import ranking as ranking_train  # noqa: E402
+from mvhan_jax import train as train_loop
 
 flags.DEFINE_string("retrieval_config", "experiments/configs/two_tower_ml100k.py:recency", "Retrieval config.")
 flags.DEFINE_string("retrieval_workdir", "runs/rtr_retrieval", "Trained retrieval workdir (trained if missing).")
@@ -52,7 +53,7 @@ def _ranker(config_arg: str, workdir: str):
     cfg.dataset.retrieval_workdir = FLAGS.retrieval_workdir
     cfg.dataset.pool_size = FLAGS.candidates
   if not os.path.exists(os.path.join(workdir, "results.json")):
-    ranking_train.train_and_evaluate(cfg, workdir)
+    train_loop.train_and_evaluate(cfg, workdir)
   with open(os.path.join(workdir, "results.json")) as f:
     return cfg, json.load(f)
 

@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
 from mvhan_jax.seminar import data as sdata  # noqa: E402
-from mvhan_jax.seminar import train as strain  # noqa: E402
+from mvhan_jax.tasks import seminar as strain  # noqa: E402
+from mvhan_jax import train as train_loop
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which world.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
@@ -116,7 +117,7 @@ def _cached_or_run(cfg, workdir, data):
       res = json.load(f)
     if same and all(a in res.get("test_by_attention", {}) for a in cfg.eval.extra_attentions):
       return res
-  return strain.train_and_evaluate(cfg, workdir, data)
+  return train_loop.train_and_evaluate(cfg, workdir, data=data)
 
 
 def main(argv):

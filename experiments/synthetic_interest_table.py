@@ -29,6 +29,7 @@ from mvhan_jax import configs  # noqa: E402
 from mvhan_jax import evaluation  # noqa: E402
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax import train  # noqa: E402
+from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
 from mvhan_jax.data import synthetic  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
@@ -68,11 +69,11 @@ def load_config(arg: str):
 def interest_recovery(exp, params, world) -> float:
   """Fraction of held-out test users whose true interests map to distinct capsules (see module doc)."""
   test = exp.eval_sets["test"]
-  users, mask = train.encode_users(exp, params, test)
+  users, mask = rtask.encode_users(exp, params, test)
   if mask is None:
     return float("nan")
   truth = world.ground_truth()
-  return evaluation.interests_recovered(users, mask, train.encode_items(exp, params), truth["item_topic"],
+  return evaluation.interests_recovered(users, mask, rtask.encode_items(exp, params), truth["item_topic"],
                                         truth["user_interests"], test.user)
 
 
@@ -90,8 +91,8 @@ def main(argv):
       workdir = os.path.join(FLAGS.workdir_root, arg.replace(",", "_").replace("=", "-"), f"seed{seed}")
       t0 = time.time()
       res = train.train_and_evaluate(cfg, workdir)["test"]
-      exp = train.build_experiment(cfg)
-      params, _ = train.restore_params(workdir, exp)
+      exp = rtask.build_experiment(cfg)
+      params, _ = rtask.restore_params(workdir, exp)
       world = synthetic.generate_world(synthetic.WorldConfig(**cfg.dataset.world.to_dict()))
       res["interests recovered"] = interest_recovery(exp, params, world)
       rows.setdefault(name, []).append(res)

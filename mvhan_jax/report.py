@@ -207,7 +207,7 @@ def load_workdir(workdir: str, config=None, data_dir: str | None = None):
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   if config is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -218,8 +218,8 @@ def load_workdir(workdir: str, config=None, data_dir: str | None = None):
   if data_dir is not None:
     with config.unlocked():
       config.dataset.data_dir = data_dir
-  exp = train.build_experiment(config)
-  params, step = train.restore_params(workdir, exp, "best")
+  exp = rtask.build_experiment(config)
+  params, step = rtask.restore_params(workdir, exp, "best")
   return config, exp, params, step
 
 
@@ -257,14 +257,14 @@ def collect_run(workdir: str, name: str | None = None, *, loaded=None, evaluate:
   import os  # pylint: disable=import-outside-toplevel
   from mvhan_jax import evaluation  # pylint: disable=import-outside-toplevel
   from mvhan_jax import retrieval  # pylint: disable=import-outside-toplevel
-  from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   config, exp, params, step = loaded if loaded is not None else load_workdir(workdir, data_dir=data_dir)
   name = name or f"{config.model.name}: {os.path.basename(os.path.normpath(workdir))}"
   results_path = os.path.join(workdir, "results.json")
   if evaluate is None:
     evaluate = not os.path.exists(results_path)
   if evaluate:
-    results = {split: train.evaluate(exp, params, split) for split in ("valid", "test")}
+    results = {split: rtask.evaluate(exp, params, split) for split in ("valid", "test")}
   else:
     with open(results_path) as f:
       saved = json.load(f)
@@ -273,8 +273,8 @@ def collect_run(workdir: str, name: str | None = None, *, loaded=None, evaluate:
                 type_names=tuple(exp.type_names) if exp.type_names else None)
 
   test = exp.eval_sets["test"]
-  users, mask = train.encode_users(exp, params, test)
-  items = train.encode_items(exp, params)
+  users, mask = rtask.encode_users(exp, params, test)
+  items = rtask.encode_items(exp, params)
   if config.protocol == "leave_one_out":
     run.ranks = evaluation.target_ranks(users, items, test.targets, query_mask=mask,
                                         exclude_indptr=test.exclude_indptr, exclude_indices=test.exclude_indices)
@@ -363,7 +363,7 @@ def plot_per_type(results: Mapping[str, Mapping[str, float]], type_names: Sequen
                   metrics: Sequence[str] = ("HR@50", "AUC"), title: str = "Test metrics per content type") -> Any:
   """Grouped bars: for each metric a panel, for each content type a group, one bar per model.
 
-  ``results``: model name -> metrics dict with '{type}/{metric}' keys (`train.evaluate` with
+  ``results``: model name -> metrics dict with '{type}/{metric}' keys (`tasks.retrieval.evaluate` with
   ``config.eval_per_type``); a model without a key gets no bar.
   """
   fig, axes = _figure(1, len(metrics), size=(1.6 + 1.3 * len(type_names), 4.0))
@@ -473,6 +473,61 @@ def save_figures(workdir: str, runs: Sequence[RunData] | None = None, out_dir: s
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for name, fig in make_figures(runs).items():
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.savefig(path, dpi=dpi)
+    paths.append(path)
+  return paths
+
+
+def plot_per_scenario(results: Mapping[str, Mapping[str, float]], scenario_names: Sequence[str],
+                      metrics: Sequence[str] = ("ctr/AUC", "ctcvr/AUC")) -> Any:
+  """Ranking: test AUC per scenario, one bar group per scenario, one bar per (run, metric).
+
+  ``results``: run name -> test metrics with '{task}/AUC/{scenario}' keys (`tasks.ranking.evaluate`).
+  """
+  fig, axes = _figure(1, len(metrics), size=(5.2, 3.6))
+  x = np.arange(len(scenario_names))
+  width = 0.8 / max(len(results), 1)
+  for ax, metric in zip(axes.flat, metrics):
+    for i, (name, res) in enumerate(results.items()):
+      vals = [res.get(f"{metric}/{s}", np.nan) for s in scenario_names]
+      ax.bar(x + i * width, vals, width, label=name)
+    ax.set_xticks(x + width * (len(results) - 1) / 2, scenario_names, rotation=30, ha="right")
+    finite = [v for r in results.values() for s in scenario_names if np.isfinite(v := r.get(f"{metric}/{s}", np.nan))]
+    if finite:
+      ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
+    ax.set(ylabel=metric, title=f"Test {metric} per scenario")
+    ax.grid(alpha=0.3, axis="y")
+  axes.flat[0].legend(fontsize="small")
+  return fig
+
+
+def save_training_figures(workdir: str, compare: Sequence[str] = (), dpi: int = 100) -> list[str]:
+  """The figures of a ranking or SEMINAR workdir (and ``compare`` workdirs) into <workdir>/plots:
+  training curves (loss, the validation metrics the run logged) and, for ranking, test AUC per
+  scenario. Reads metrics.jsonl and results.json only."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  runs = {}
+  results = {}
+  for w in [workdir, *compare]:
+    name = os.path.basename(os.path.normpath(w))
+    runs[name] = read_curves(w)
+    path = os.path.join(w, "results.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        results[name] = json.load(f)
+  metrics = [m for m in ("train/loss", "psu/loss", "valid/mean/AUC/all", "valid/ctr/AUC/all", "valid/ctcvr/AUC/all",
+                         "valid/sampled/NDCG@10", "valid/full/NDCG@10", "valid/full/HR@10")
+             if any(m in c for c in runs.values())]
+  figs = {"training_curves": plot_training_curves(runs, metrics)}
+  scenarios = next((r["scenarios"] for r in results.values() if "scenarios" in r), None)
+  if scenarios:
+    figs["per_scenario"] = plot_per_scenario({n: r["test"] for n, r in results.items() if "scenarios" in r}, scenarios)
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for name, fig in figs.items():
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=dpi)
     paths.append(path)

@@ -1,152 +1,60 @@
-"""The trainer: one top-to-bottom ``train_and_evaluate`` shared by every retrieval model.
+"""The training loop: one top-to-bottom ``train_and_evaluate`` for every model of the library.
 
-Sections follow big_vision's train.py: experiment (data, protocol, model), optimizer and state,
-update step, checkpoints (resume), loop (log, evaluate, early-stop), final evaluation and index.
+What differs between models lives in a *task* (`mvhan_jax/tasks/`): retrieval (two-tower, MIND,
+ComiRec, multi-tower, MV-HAN / MV-DNN), ranking (HiNet, shared-bottom, MMoE, PLE, STAR) and SEMINAR.
+A task turns a config into one or more `Stage`s (SEMINAR: PSU pretraining, then finetuning) and
+finishes the run (final evaluation of the best checkpoint, ScaNN index, PQ codebooks). This module
+owns everything the stages share, in big_vision's order: set up the mesh, create the state inside
+``jit`` with its output shardings, load the checkpoint, the input pipeline (per-process Grain shards
+assembled into global batches), the loop (log, evaluate, select the best step, stop early, save),
+and the end of the stage.
 
-Exact resumption: the batch of step ``i`` is a pure function of ``(config.seed, i)`` (a random-access
-Grain dataset) and every random draw of step ``i`` uses ``fold_in(key, i)``, so a run restored from
-its checkpoint at step ``s`` replays steps ``s+1..`` exactly as an uninterrupted run would.
+Exact resumption: the batch of step ``i`` is a pure function of ``(seed, i)`` (a random-access Grain
+dataset) and every random draw of step ``i`` uses ``fold_in(key, i)``, so a run restored from its
+checkpoint at step ``s`` replays steps ``s+1..`` exactly as an uninterrupted run would.
+
+Preemption: SIGTERM (what cloud TPU/GPU schedulers send before they take a machine) makes the loop
+save the latest checkpoint at the next step boundary and raise `Preempted`; the CLI exits with
+status 143, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
+import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mvhan_jax import evaluation
-from mvhan_jax import losses
-from mvhan_jax import models
-from mvhan_jax import retrieval
 from mvhan_jax import sharding
 from mvhan_jax import sparse
+from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
-from mvhan_jax.data import protocol
-from mvhan_jax.data import registry
-from mvhan_jax.data.types import InteractionData
 from mvhan_jax.metrics_writer import MetricsWriter
 
 
-# --------------------------------------------------------------------------------------------------
-# Experiment: data, protocol, model (shared by the train, eval, index and recommend modes)
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Experiment:
-  config: ml_collections.ConfigDict
-  data: InteractionData
-  split: Any                      # protocol.LeaveOneOutSplit or protocol.ComiRecSplit
-  train_source: Any               # random-access source of training examples
-  eval_sets: dict[str, Any]       # 'valid' / 'test' -> protocol.EvalSet
-  model: Any
-  tables: dict[str, dict[str, jax.Array]]
-  sampler: losses.Sampler
-  # Content types (MV-HAN; None for an untyped dataset): item_type int32 [I] in 1..T, their names.
-  item_type: np.ndarray | None = None
-  type_names: tuple[str, ...] | None = None
-  # Single-type training (config.type_schedule non-empty): examples grouped by their target's type,
-  # and one negative sampler per type (config.loss.negatives_per_type).
-  examples_by_type: dict[int, Any] | None = None
-  type_samplers: dict[int, losses.Sampler] | None = None
-  evaluators: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def build_experiment(config) -> Experiment:
-  data = registry.load_dataset(config)
-  maxlen = config.maxlen
-  if config.protocol == "leave_one_out":
-    split = protocol.leave_one_out(data)
-    sequences = split.train_sequences
-  elif config.protocol == "comirec":
-    split = protocol.comirec_split(data, seed=config.seed, maxlen=maxlen)
-    sequences = split.train_sequences
-  else:
-    raise ValueError(f"config.protocol={config.protocol!r} is unknown: use 'leave_one_out' or 'comirec'")
-  train_source = registry.train_source(config, data, split)
-  eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
-  counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
-  sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
-  model = models.build_model(config.model, data)
-  tables = {
-      "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
-      "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
-  }
-  exp = Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
-  _setup_content_types(exp, counts)
-  return exp
-
-
-def _setup_content_types(exp: Experiment, counts: np.ndarray) -> None:
-  """MV-HAN's multi-type training: single-type batches on a schedule, negatives of the target's type.
-
-  ``config.type_schedule``: the content types of the steps of one cycle, e.g. (1, 2, 1, 3) = source,
-  target, source, target (empty: ordinary batches over all examples). ``config.loss.negatives_per_type``:
-  draw a batch's negatives among the items of its type only (needs a schedule, since a batch must
-  have one type). ``config.eval_per_type``: evaluate with `multitype.TypedEvaluator` (per-type metrics,
-  ranking restricted to the target's type, AUC) besides the pooled ones.
-  """
-  from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
-  config, data = exp.config, exp.data
-  schedule = tuple(config.get("type_schedule", ()) or ())
-  per_type_neg = bool(config.loss.get("negatives_per_type", False))
-  per_type_eval = bool(config.get("eval_per_type", False))
-  if not (schedule or per_type_neg or per_type_eval):
-    return
-  if "type" not in data.item_features:
-    raise ValueError(f"config.type_schedule / loss.negatives_per_type / eval_per_type need content types, "
-                     f"but dataset {data.name!r} has no item feature 'type': set "
-                     "config.dataset.content_types='genre_family' (MovieLens) or use the synthetic world")
-  if per_type_neg and not schedule:
-    raise ValueError("config.loss.negatives_per_type=True needs single-type batches: set "
-                     "config.type_schedule, e.g. (1, 2, 1, 3)")
-  exp.item_type = np.asarray(data.item_features["type"], np.int32)
-  exp.type_names = registry.content_type_names(config, data)
-  if schedule:
-    examples = getattr(exp.train_source, "arrays", None)
-    if examples is None:
-      raise ValueError("config.type_schedule needs an in-memory training source (pipeline.ArraySource)")
-    exp.examples_by_type = multitype.split_examples_by_type(examples, exp.item_type)
-  if per_type_neg:
-    exp.type_samplers = multitype.type_samplers(counts, exp.item_type, config.loss.sampler,
-                                                config.loss.get("alpha", 0.75))
-
-
-def train_dataset(exp: Experiment, batch_size: int, seed: int):
-  """The random-access training batches: ``ds[i]`` is the batch of step ``i`` (a pure function of
-  (seed, i)). Single-type batches carry ``content_type`` int32 [B] (all equal)."""
-  if exp.examples_by_type is not None:
-    from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
-    return multitype.typed_train_batches(exp.examples_by_type, batch_size, seed,
-                                         tuple(exp.config.type_schedule), type_key="content_type")
-  return pipeline.train_batches(exp.train_source, batch_size, seed=seed)
-
-
-def num_train_examples(exp: Experiment) -> int:
-  """Examples per epoch: those of the scheduled types under single-type training, else all."""
-  if exp.examples_by_type is not None:
-    return sum(len(exp.examples_by_type[t]) for t in set(exp.config.type_schedule))
-  return len(exp.train_source)
+class Preempted(Exception):
+  """The run received SIGTERM and saved its latest checkpoint: rerun the same command to resume."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Optimizer and state
+# State and optimizer
 # --------------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # Task state that is neither parameter nor optimizer state (SEMINAR: the PQ codebooks); None if none.
+  extra: Any = None
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | sparse.SparseTableAdamW:
@@ -176,447 +84,306 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
 
 
 def example_batch(source, batch_size: int) -> dict[str, np.ndarray]:
+  """The first ``batch_size`` examples of a random-access source, stacked (shapes for ``init``)."""
+  if hasattr(source, "take"):
+    return source.take(np.arange(min(batch_size, len(source))))
   rows = [source[i] for i in range(min(batch_size, len(source)))]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _params_init_fn(exp: Experiment) -> Callable:
-  def _init(rng, batch):
-    return exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
-  return _init
+def init_state(init_params: Callable, init_args: tuple, tx, mesh, mesh_cfg, extra: Any = None) -> TrainState:
+  """Parameters and optimizer state created inside ``jit`` with their shardings on ``mesh``: a
+  row-sharded table is never whole on one device (mvhan_jax/sharding.py).
 
-
-def _state_init_fn(exp: Experiment, tx) -> Callable:
-  """The whole state in one function: its shapes are `init_state`'s (traced by `abstract_state`)."""
-  params_init = _params_init_fn(exp)
-
-  def _init(rng, batch):
-    params = params_init(rng, batch)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return _init
-
-
-def init_state(exp: Experiment, tx, rng, mesh=None) -> TrainState:
-  """Parameters and optimizer state created inside ``jit`` with their shardings on ``mesh`` (default:
-  from ``config.mesh``): a row-sharded table is never whole on one device (mvhan_jax/sharding.py).
-
-  Two jits, the parameters (`_params_init_fn`) then the optimizer state from them: `_state_init_fn`
-  in one jit keeps a table's random-number temporaries alive beside the Adam moments (for a 10^7 x
-  64 table on 8 CPU devices, 0.89 GiB of temporaries beside 0.89 GiB of state per device:
-  `experiments/bench_scale.py --compile_only`)."""
-  mesh = mesh or sharding.mesh_from_config(exp.config)
-  mesh_cfg = sharding.mesh_config(exp.config)
-  params, _ = sharding.init_sharded(_params_init_fn(exp), mesh, mesh_cfg, rng, example_batch(exp.train_source, 2))
+  Two jits, the parameters (``init_params(*init_args)``) then the optimizer state from them: in one
+  jit a table's random-number temporaries stay alive beside the Adam moments (for a 10^7 x 64 table
+  on 8 CPU devices, 0.89 GiB of temporaries beside 0.89 GiB of state per device:
+  `experiments/bench_scale.py --compile_only`). ``extra`` (host or device values) is replicated.
+  """
+  params, _ = sharding.init_sharded(init_params, mesh, mesh_cfg, *init_args)
   opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh, mesh_cfg)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   step = sharding.put_replicated(np.zeros((), np.int32), mesh)
-  return TrainState(step=step, params=params, opt_state=opt_state)
+  extra = sharding.put_replicated(extra, mesh) if extra is not None else None
+  return TrainState(step=step, params=params, opt_state=opt_state, extra=extra)
 
 
-def abstract_state(exp: Experiment, tx, mesh=None) -> TrainState:
+def abstract_state(init_params: Callable, init_args: tuple, tx, mesh, mesh_cfg, extra: Any = None) -> TrainState:
   """`init_state`'s shapes, dtypes and shardings without computing it (a checkpoint restore target)."""
-  mesh = mesh or sharding.mesh_from_config(exp.config)
-  shapes = jax.eval_shape(_state_init_fn(exp, tx), jax.random.key(0), example_batch(exp.train_source, 2))
-  return sharding.abstract_with_shardings(shapes, sharding.tree_shardings(shapes, mesh, sharding.mesh_config(exp.config)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Update step
-# --------------------------------------------------------------------------------------------------
-def make_train_step(exp: Experiment, tx) -> Callable:
-  model, cfg = exp.model, exp.config.loss
-  num_neg = cfg.num_negatives
-  if exp.type_samplers is not None:
-    # One proposal per content type, stacked [T, I]; a batch (one type) picks its row.
-    types = sorted(exp.type_samplers)
-    cdfs = jnp.asarray(np.stack([exp.type_samplers[t].cdf for t in types]))
-    log_qs = jnp.asarray(np.stack([exp.type_samplers[t].log_probs for t in types])) + jnp.log(float(max(num_neg, 1)))
-  else:
-    cdfs = jnp.asarray(exp.sampler.cdf)[None]
-    log_qs = (jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1))))[None]
-
-  multi = getattr(model, "multi_interest", False)
-  learned_temperature = getattr(model, "learn_temperature", False)
-  # Multi-interest models may train with their serving score (train = serve, models/multitower.py)
-  # and add a regulariser on the interests (aux_loss, e.g. the repel term).
-  train_equals_serve = multi and hasattr(model, "score_candidates") and getattr(model, "train_equals_serve", False)
-  has_aux_loss = multi and hasattr(model, "aux_loss")
-
-  # Mixed precision (config.compute_dtype, default float32): the float parameters and feature tables
-  # are cast for the forward pass (gradients reach the float32 master copy through the cast); the
-  # user/item vectors are cast back to float32 before scores, softmax and losses.
-  compute_dtype = jnp.dtype(exp.config.get("compute_dtype", "float32"))
-  if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise ValueError(f"config.compute_dtype={exp.config.compute_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
-  low_precision = compute_dtype != jnp.dtype(jnp.float32)
-
-  def cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-  def loss_fn(params, batch, tables, rng):
-    if low_precision:
-      return _loss_fn(cast(params, compute_dtype), batch, cast(tables, compute_dtype), rng)
-    return _loss_fn(params, batch, tables, rng)
-
-  def _loss_fn(params, batch, tables, rng):
-    rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
-    rngs = {"dropout": rng_drop, "routing": rng_route}
-    pos_ids = batch["target"]
-    b = pos_ids.shape[0]
-    row = batch["content_type"][0] - 1 if exp.type_samplers is not None else 0
-    cdf, log_q = cdfs[row], log_qs[row]
-    temperature = model.apply(params, method=model.temperature) if learned_temperature else cfg.temperature
-    if cfg.kind == "sampled_softmax":
-      neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
-      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
-      items = items.astype(jnp.float32)
-      pos, neg = items[:b], items[b:]
-    elif cfg.kind == "in_batch":
-      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
-    else:
-      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
-    users = cast(model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs), jnp.float32)
-    serve_scores = None
-    if multi:
-      interests, mask = users
-      if train_equals_serve and cfg.kind == "sampled_softmax":
-        # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
-        scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
-        serve_scores = (jnp.diagonal(scores[:, :b]), scores[:, b:])
-      else:
-        # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
-        users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
-    if serve_scores is not None:
-      loss, logits = losses.sampled_softmax_loss_from_scores(
-          *serve_scores, pos_ids, neg_ids,
-          pos_log_q=log_q[pos_ids] if cfg.logq else None,
-          neg_log_q=log_q[neg_ids] if cfg.logq else None,
-          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
-      correct = jnp.argmax(logits, axis=1) == 0
-    elif cfg.kind == "sampled_softmax":
-      loss, logits = losses.sampled_softmax_loss(
-          users, pos, neg, pos_ids, neg_ids,
-          pos_log_q=log_q[pos_ids] if cfg.logq else None,
-          neg_log_q=log_q[neg_ids] if cfg.logq else None,
-          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
-      correct = jnp.argmax(logits, axis=1) == 0
-    else:
-      loss, logits = losses.in_batch_softmax_loss(
-          users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=temperature)
-      correct = jnp.argmax(logits, axis=1) == jnp.arange(b)
-    # Fraction of rows whose positive outscores every negative: a cheap, loss-independent signal.
-    aux = {"loss": loss.mean(), "batch_acc": jnp.mean(correct)}
-    if learned_temperature:
-      aux["temperature"] = temperature
-    if has_aux_loss:
-      aux["aux_loss"] = model.apply(params, interests, mask, method=model.aux_loss, rngs=rngs)
-      return loss.mean() + aux["aux_loss"], aux
-    return loss.mean(), aux
-
-  if isinstance(tx, sparse.SparseTableAdamW):
-    return _sparse_train_step(tx, loss_fn)
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: TrainState, batch, tables, key):
-    rng = jax.random.fold_in(key, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return train_step
-
-
-def _sparse_train_step(tx: sparse.SparseTableAdamW, loss_fn: Callable) -> Callable:
-  """The train step with lazy row updates of the large tables (mvhan_jax/sparse.py): the loss is
-  differentiated w.r.t. the other parameters and the looked-up rows, never w.r.t. a whole table."""
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: TrainState, batch, tables, key):
-    rng = jax.random.fold_in(key, state.step)
-    paths = tx.paths(state.params)  # static: decided by parameter shapes at trace time
-    metrics, dense_grads, rows = sparse.grads_by_rows(loss_fn, state.params, paths, batch, tables, rng)
-    params, opt_state, norm = tx.update(state.step, dense_grads, rows, state.opt_state, state.params)
-    metrics["grad_norm"] = norm
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return train_step
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding users and items for evaluation and serving
-# --------------------------------------------------------------------------------------------------
-def _chunks(n: int, size: int):
-  for start in range(0, n, size):
-    yield start, min(start + size, n)
-
-
-# Routing-style models draw random initial logits; evaluation and serving use one fixed key so that
-# a user's vectors are a deterministic function of the parameters.
-_EVAL_RNGS = {"routing": 0, "dropout": 0}
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_encoders(model):
-  def users(p, b, t):
-    rngs = {k: jax.random.key(v) for k, v in _EVAL_RNGS.items()}
-    out = model.apply(p, b, t, False, method=model.encode_users, rngs=rngs)
-    return out if isinstance(out, tuple) else (out, jnp.ones(out.shape[:1], bool))
-
-  items = jax.jit(lambda p, ids, t: model.apply(p, ids, t, False, method=model.encode_items))
-  return jax.jit(users), items
-
-
-def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
-  """All item vectors [I, D]; the last chunk is padded so every call has the same shape."""
-  _, enc = _jitted_encoders(exp.model)
-  params = sharding.host_local(params)
-  n = exp.data.num_items
-  size = min(chunk, n)
-  out = []
-  for s, e in _chunks(n, size):
-    ids = np.arange(s, s + size) % n
-    out.append(np.asarray(enc(params, jnp.asarray(ids, jnp.int32), exp.tables))[: e - s])
-  return np.concatenate(out)
-
-
-def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
-  """User vectors for the rows of an EvalSet (all rows, or the int array ``rows``).
-
-  Returns (vectors, mask): [Q, D] and None for single-vector models; [Q, K, D] and the live-interest
-  mask [Q, K] for multi-interest models.
-  """
-  enc, _ = _jitted_encoders(exp.model)
-  params = sharding.host_local(params)
-  rows = np.arange(len(eval_set.user)) if rows is None else np.asarray(rows)
-  q = len(rows)
-  size = min(chunk, q)
-  vecs, masks = [], []
-  for s, e in _chunks(q, size):
-    idx = rows[np.arange(s, s + size) % q]
-    batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
-    v, m = enc(params, batch, exp.tables)
-    vecs.append(np.asarray(v)[: e - s])
-    masks.append(np.asarray(m)[: e - s])
-  vecs = np.concatenate(vecs)
-  return (vecs, np.concatenate(masks)) if vecs.ndim == 3 else (vecs, None)
-
-
-def _evaluator(exp: Experiment, split: str):
-  if split not in exp.evaluators:
-    if exp.config.get("eval_per_type", False):
-      from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
-      ties = "pessimistic" if getattr(exp.model, "multi_interest", False) else "half"
-      exp.evaluators[split] = multitype.TypedEvaluator(exp.eval_sets[split], exp.item_type,
-                                                       type_names=exp.type_names, auc_ties=ties)
-    else:
-      exp.evaluators[split] = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
-  return exp.evaluators[split]
-
-
-def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
-  """Metrics of ``split`` ('valid' / 'test'). With ``config.eval_per_type``, also per content type
-  ('{type}/HR@50', '{type}/AUC', ... restricted to the type) and 'targets/<metric>', the mean over
-  the target types 2..T (the paper's sparse types) of each per-type metric."""
-  users, mask = encode_users(exp, params, exp.eval_sets[split])
-  out = _evaluator(exp, split).evaluate(users, encode_items(exp, params), user_mask=mask)
-  if exp.config.get("eval_per_type", False) and len(exp.type_names) > 1:
-    for metric in ("HR@10", "NDCG@10", "HR@50", "AUC"):
-      vals = [out.get(f"{name}/{metric}", np.nan) for name in exp.type_names[1:]]
-      out[f"targets/{metric}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-  return out
+  def _init(*args):
+    params = init_params(*args)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
+  shapes = jax.eval_shape(_init, *init_args)
+  return sharding.abstract_with_shardings(shapes, sharding.tree_shardings(shapes, mesh, mesh_cfg))
 
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-def _manager(path: str, max_to_keep: int) -> ocp.CheckpointManager:
+def checkpoint_manager(path, max_to_keep: int) -> ocp.CheckpointManager:
+  """An orbax manager of ('state', 'meta') items under ``path`` (local or e.g. gs://)."""
+  path = wd.path(path)
   # Barrier names carry the directory's name: in a multi-process run 'best' and 'checkpoints' save
   # the same step at an evaluation, and orbax's barriers are otherwise named by the step alone
   # ("Barrier _async_commit_complete.<step> is already ongoing").
   return ocp.CheckpointManager(
-      os.path.abspath(path),
+      path.absolute() if not wd.is_remote(path) else path,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(path))),
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=path.name)),
       item_names=("state", "meta"))
 
 
-def _abstract(tree):
+def abstract(tree):
+  """ShapeDtypeStructs (with the shardings the arrays carry) of a tree: an orbax restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def restore_params(workdir: str, exp: Experiment, which: str = "best") -> tuple[Any, int]:
-  """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  path = os.path.join(workdir, "best" if which == "best" else "checkpoints")
-  mngr = _manager(path, 1)
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target) -> tuple[Any, dict]:
+  """(tree, meta) of checkpoint ``step``, restored into ``target``'s shapes and shardings."""
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract(target)), meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+def restore_best(directory, target) -> tuple[Any, int]:
+  """The tree saved under ``<directory>/best`` (restored into ``target``) and its step."""
+  path = wd.path(directory) / "best"
+  mngr = checkpoint_manager(path, 1)
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
-  tx = make_optimizer(exp.config.optimizer, 1)
-  template = abstract_state(exp, tx)
-  target = template.params if which == "best" else template
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  state = restored["state"]
-  return (state if which == "best" else state.params), step
+  return restore_checkpoint(mngr, step, target)[0], step
 
 
 # --------------------------------------------------------------------------------------------------
-# train_and_evaluate
+# A stage: what a task hands the loop
 # --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from ``workdir`` when a checkpoint exists), evaluates, builds the index.
+@dataclasses.dataclass
+class Stage:
+  """One training stage of a task (SEMINAR has two: PSU pretraining, then finetuning).
 
-  Returns a dict with 'valid' and 'test' metrics of the best-by-validation parameters, the best step,
-  ANN recall and throughput.
+  The loop calls ``train_step(state, batch, consts, key)`` (a pure function that folds ``state.step``
+  into ``key`` itself and returns ``(state, metrics)``), evaluates ``evaluate(best_tree(state),
+  'valid')`` every ``eval_every`` steps and at the end, keeps the best tree by ``select_metric``, and
+  stops after ``patience`` evaluations without improvement (0: never).
   """
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  exp = build_experiment(config)
-  steps_per_epoch = num_train_examples(exp) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples(exp)} training examples: lower it")
-  total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
-  logging.info("%s: %d training examples, %d steps/epoch, %d steps", config.dataset.name,
-               num_train_examples(exp), steps_per_epoch, total_steps)
+  name: str                                 # '' (the workdir itself) or a sub-directory ('psu')
+  config: Any                               # the run's config (mesh, logging, test hooks)
+  total_steps: int
+  batch_size: int                           # the global batch
+  steps_per_epoch: int
+  source: Any                               # random-access training examples
+  dataset: Callable[[int, int], Any]        # (shard_index, shard_count) -> Grain MapDataset of batches
+  tx: Any
+  init_params: Callable                     # init_params(init_key, *init_args) -> params (traced under jit)
+  init_args: tuple
+  train_step: Callable                      # (state, batch, consts, key) -> (state, metrics)
+  consts: Any                               # replicated step inputs (feature tables, proposals)
+  key: jax.Array                            # split into the init key and the step key
+  extra: Any = None                         # the initial TrainState.extra
+  on_start: Callable | None = None          # (state) -> state, on a fresh (not resumed) state
+  evaluate: Callable | None = None          # (tree, split) -> {metric: value}
+  before_eval: Callable | None = None       # (state, step) -> state (e.g. refresh PQ codebooks)
+  best_tree: Callable = lambda state: state.params
+  eval_every: int = 0                       # 0: only at the end
+  select_metric: str | None = None
+  patience: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 100
+  metric_prefix: str = "train"
+  tensorboard: bool = False
+  progress: bool = True
+  shown_metric: Callable[[str], bool] = lambda k: "/" not in k
 
-  tx = make_optimizer(config.optimizer, total_steps)
-  key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(key)
-  # Set up mesh: state sharded by config.mesh, the batch split over 'data', tables replicated.
+
+class _SigtermFlag:
+  """Set by SIGTERM while a stage runs (the previous handler is restored afterwards)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, as before
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _reshard(tree, shardings):
+  """Leaves a task replaced on the host (e.g. PQ codebooks computed outside jit, the same on every
+  process) put back with the state's shardings, so the pinned step accepts them."""
+  def place(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(place, tree, shardings)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is on any (a host collective in multi-process runs)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
+  """Trains ``stage`` in ``workdir/stage.name`` (resuming from its latest checkpoint) and returns
+  (state, meta) with meta = {'best_metric', 'best_step', 'stopped_early', ...}.
+
+  Raises `Preempted` after saving when SIGTERM arrived; returns (state, meta) with
+  meta['stopped_at'] when ``config.stop_at_step`` stopped the run (a test hook); ``config.fail_at_step``
+  exits the process abruptly, as a kill -9 would.
+  """
+  config = stage.config
+  is_main = jax.process_index() == 0
+  directory = wd.path(workdir) / stage.name if stage.name else wd.path(workdir)
+
+  # Set up mesh: state sharded by config.mesh, the batch split over 'data', step inputs replicated.
   mesh = sharding.mesh_from_config(config)
-  data_sharding = sharding.batch_sharding(mesh, config.batch_size)
-  state = init_state(exp, tx, init_key, mesh)
-  train_step = sharding.pin_shardings(make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, state))
-  train_tables, step_key = sharding.put_replicated((exp.tables, step_key), mesh)
+  mesh_cfg = sharding.mesh_config(config)
+  data_sharding = sharding.batch_sharding(mesh, stage.batch_size)
+  init_key, step_key = jax.random.split(stage.key)
+  state = init_state(stage.init_params, (init_key, *stage.init_args), stage.tx, mesh, mesh_cfg, stage.extra)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = sharding.pin_shardings(stage.train_step, state_shardings)
+  consts, step_key = sharding.put_replicated((stage.consts, step_key), mesh)
 
   # Load checkpoint: the latest one, with the early-stopping state that belongs to it.
-  latest = _manager(os.path.join(workdir, "checkpoints"), 2)
-  best = _manager(os.path.join(workdir, "best"), 1)
-  meta = {"best_metric": -1.0, "best_step": -1, "evals_without_improvement": 0, "stopped_early": False}
+  latest = checkpoint_manager(directory / "checkpoints", 2)
+  best = checkpoint_manager(directory / "best", 1) if stage.evaluate is not None else None
+  meta = {"best_metric": -float("inf"), "best_step": -1, "evals_without_improvement": 0, "stopped_early": False}
   if latest.latest_step() is not None:
-    restored = latest.restore(latest.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
-    state, meta = restored["state"], restored["meta"]
-    logging.info("resumed from step %d", int(state.step))
+    state, meta = restore_checkpoint(latest, latest.latest_step(), state)
+    print(f"{directory}: resumed from step {int(state.step)}", flush=True)
+  elif stage.on_start is not None:
+    state = _reshard(stage.on_start(state), state_shardings)
   start_step = int(state.step)
-  writer = MetricsWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
+  writer = MetricsWriter(directory, enabled=is_main, tensorboard=stage.tensorboard)
   writer.truncate_after(start_step)
-  (open(os.path.join(workdir, "config.json"), "w").write(config.to_json_best_effort(indent=2))
-   if is_main else None)
 
-  def save(step: int, mngr, tree):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-
-  select = config.select_metric
-  dataset = train_dataset(exp, config.batch_size, config.seed)
+  # Input pipeline: this process's rows of every global batch, from the step the state is at.
+  dataset = stage.dataset(jax.process_index(), jax.process_count())
   batches = pipeline.iterate(dataset, start_step=start_step, prefetch=config.get("prefetch", 2))
-  fail_at = config.get("fail_at_step", -1)  # fault injection for the resume test: dies like a kill -9
-  train_time, train_examples_seen, t_last = 0.0, 0, time.perf_counter()
+  fail_at = config.get("fail_at_step", -1)   # tests: die like a kill -9 at this step
+  stop_at = config.get("stop_at_step", -1)   # tests: save and return at this step (a preemption)
+  train_time, examples_seen, t_last = 0.0, 0, time.perf_counter()
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not is_main or not config.get("progress", True),
-             dynamic_ncols=True, mininterval=1.0)
+  bar = tqdm(total=stage.total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
+             desc=stage.name or None, disable=not is_main or not (stage.progress and config.get("progress", True)))
   step = start_step
-  while step < total_steps and not meta["stopped_early"]:
-    batch = sharding.global_batch(next(batches), data_sharding)
-    state, metrics = train_step(state, batch, train_tables, step_key)
-    step += 1
-    bar.update(1)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      dt = now - t_last
-      t_last = now
-      ex_s = config.log_every_steps * config.batch_size / max(dt, 1e-9)
-      metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
-      metrics["train/examples_per_sec"] = ex_s
-      metrics["train/epoch"] = step / steps_per_epoch
-      writer.write(step, metrics)
-      bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ex_s=f"{ex_s:,.0f}", epoch=f"{metrics['train/epoch']:.1f}")
-      if step > config.log_every_steps:  # the first window includes compilation
-        train_time += dt
-        train_examples_seen += config.log_every_steps * config.batch_size
-    is_eval = step % config.eval_every_steps == 0 or step == total_steps
-    if is_eval:
-      valid = evaluate(exp, state.params, "valid")
-      writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
-      if valid[select] > meta["best_metric"]:
-        meta.update(best_metric=float(valid[select]), best_step=step, evals_without_improvement=0)
-        save(step, best, state.params)
-      else:
-        meta["evals_without_improvement"] += 1
-        if config.early_stopping_patience and meta["evals_without_improvement"] >= config.early_stopping_patience:
-          meta["stopped_early"] = True
-          logging.info("early stop at step %d: best valid %s %.4f at step %d", step, select,
-                       meta["best_metric"], meta["best_step"])
-      shown = {k: v for k, v in valid.items() if "/" not in k or k.startswith("targets/")}  # per-type: metrics.jsonl
-      bar.write(f"step {step}: valid " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    if is_eval or step % config.checkpoint_every_steps == 0:
-      save(step, latest, state)
-    if step == fail_at:
-      latest.wait_until_finished()
-      best.wait_until_finished()
-      os._exit(3)  # pylint: disable=protected-access
+  with _SigtermFlag() as sigterm:
+    while step < stage.total_steps and not meta["stopped_early"]:
+      batch = sharding.global_batch(next(batches), data_sharding)
+      state, metrics = train_step(state, batch, consts, step_key)
+      step += 1
+      bar.update(1)
+      if step % stage.log_every == 0 or step == stage.total_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        row = {f"{stage.metric_prefix}/{k}": float(v) for k, v in metrics.items()}
+        row[f"{stage.metric_prefix}/examples_per_sec"] = stage.log_every * stage.batch_size / max(dt, 1e-9)
+        row[f"{stage.metric_prefix}/epoch"] = step / stage.steps_per_epoch
+        writer.write(step, row)
+        if f"{stage.metric_prefix}/loss" in row:
+          bar.set_postfix(loss=f"{row[f'{stage.metric_prefix}/loss']:.3f}", epoch=f"{step / stage.steps_per_epoch:.1f}")
+        if step > stage.log_every:  # the first window includes compilation
+          train_time += dt
+          examples_seen += stage.log_every * stage.batch_size
+      is_eval = stage.evaluate is not None and (
+          (stage.eval_every and step % stage.eval_every == 0) or step == stage.total_steps)
+      if is_eval:
+        if stage.before_eval is not None:
+          state = _reshard(stage.before_eval(state, step), state_shardings)
+        tree = stage.best_tree(state)
+        valid = stage.evaluate(tree, "valid")
+        writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
+        value = valid[stage.select_metric]
+        if value > meta["best_metric"]:
+          meta.update(best_metric=float(value), best_step=step, evals_without_improvement=0)
+          if best.latest_step() != step:  # a run killed between this save and the 'latest' one redoes the step
+            save_checkpoint(best, step, tree, meta)
+        else:
+          meta["evals_without_improvement"] += 1
+          if stage.patience and meta["evals_without_improvement"] >= stage.patience:
+            meta["stopped_early"] = True
+            logging.info("early stop at step %d: best valid %s %.4f at step %d", step, stage.select_metric,
+                         meta["best_metric"], meta["best_step"])
+        bar.write(f"{stage.name + ' ' if stage.name else ''}step {step}: valid "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in valid.items() if stage.shown_metric(k)))
+      preempted = _any_process(sigterm.raised) if (jax.process_count() == 1 or step % stage.log_every == 0) else False
+      if (is_eval or step % stage.checkpoint_every == 0 or step == stage.total_steps or step == stop_at
+          or preempted):
+        save_checkpoint(latest, step, state, meta)
+      if step == fail_at:
+        latest.wait_until_finished()
+        if best is not None:
+          best.wait_until_finished()
+        os._exit(3)  # pylint: disable=protected-access
+      if step == stop_at or preempted:
+        latest.wait_until_finished()
+        if best is not None:
+          best.wait_until_finished()
+        bar.close()
+        writer.close()
+        if preempted:
+          raise Preempted(f"SIGTERM at step {step}: saved the latest checkpoint under {directory}; rerun the "
+                          "same command to resume")
+        meta = dict(meta, stopped_at=step)
+        return state, meta
   bar.close()
   latest.wait_until_finished()
-  best.wait_until_finished()
+  if best is not None:
+    best.wait_until_finished()
   writer.flush()
-
-  # Final evaluation with the best-by-validation parameters, and the serving index.
-  params, best_step = restore_params(workdir, exp, "best")
-  params = sharding.host_local(params)
-  results = {"valid": evaluate(exp, params, "valid"), "test": evaluate(exp, params, "test"), "best_step": best_step,
-             "final_step": step, "stopped_early": bool(meta["stopped_early"]),
-             "train_examples_per_sec": train_examples_seen / train_time if train_time else None}
-  writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
-  if config.index.build and is_main:
-    results["index"] = build_and_save_index(exp, params, best_step, workdir)
-  if is_main:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
   writer.close()
+  meta = dict(meta, final_step=step,
+              train_examples_per_sec=examples_seen / train_time if train_time else None)
+  return state, meta
+
+
+def train_and_evaluate(config, workdir, **task_kwargs) -> dict[str, Any] | None:
+  """Trains every stage of ``config``'s task (resuming from ``workdir``), evaluates the best
+  checkpoint on the validation and test splits and finishes the run (index, codebooks).
+
+  Returns the results (also written to ``<workdir>/results.json``), or None when
+  ``config.stop_at_step`` stopped a stage early (a test hook). ``task_kwargs`` go to the task
+  (e.g. ``data=`` a dataset already loaded for this config, as table scripts reuse one).
+  """
+  from mvhan_jax import tasks  # pylint: disable=import-outside-toplevel
+  is_main = jax.process_index() == 0
+  workdir = wd.path(workdir)
+  task = tasks.build_task(config, **task_kwargs)
+  if is_main:
+    wd.makedirs(workdir)
+    wd.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  metas = {}
+  for stage in task.stages(workdir):
+    _, meta = run_stage(stage, workdir)
+    metas[stage.name] = meta
+    if "stopped_at" in meta:
+      return None
+  results = task.finish(workdir, metas)
+  if is_main:
+    wd.write_json(workdir / "results.json", results)
   return results
-
-
-def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> dict[str, Any]:
-  """Indexes the item vectors, saves the index with its step, and measures ANN recall@10 vs exact."""
-  items = encode_items(exp, params)
-  cfg = retrieval.IndexConfig.for_size(items.shape[0], **{k: v for k, v in exp.config.index.items() if k != "build"})
-  t0 = time.perf_counter()
-  index = retrieval.build_index(items, cfg)
-  build_s = time.perf_counter() - t0
-  path = os.path.join(workdir, "index")
-  index.save(path, step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
-  test = exp.eval_sets["test"]
-  users, mask = encode_users(exp, params, test)
-  out = {"backend": type(index).__name__, "path": "index", "build_seconds": build_s}
-  for k in (10, 50):
-    k = min(k, items.shape[0])
-    ann_ids, _ = index.search(users, k, query_mask=mask)
-    _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
-    out[f"ann_recall@{k}"] = float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))
-  if exp.item_type is not None:
-    out["types"] = build_and_save_type_indexes(exp, items, users, mask, step, path)
-  return out
-
-
-def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, path: str) -> dict[str, Any]:
-  """MV-HAN's per-type serving: one index per content type under ``<index>/types/<name>`` (global
-  item ids), and each one's ANN recall@10 against the exact top-10 among that type's items."""
-  out = {}
-  for t, name in enumerate(exp.type_names, start=1):
-    members = np.flatnonzero(exp.item_type == t)
-    if not len(members):
-      continue
-    cfg = retrieval.IndexConfig.for_size(len(members), **{k: v for k, v in exp.config.index.items() if k != "build"})
-    index = retrieval.SubsetIndex.build(items, members, cfg)
-    index.save(os.path.join(path, "types", name), step=step,
-               metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name, "type": name})
-    k = min(10, len(members))
-    ann_ids, _ = index.search(users, k, query_mask=mask)
-    _, exact_local = evaluation.exact_topk(users, items[members], k, query_mask=mask)
-    out[name] = {"items": int(len(members)),
-                 "ann_recall@10": float(retrieval.ann_recall(ann_ids, members[np.asarray(exact_local)]))}
-  return out

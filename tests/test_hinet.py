@@ -12,7 +12,8 @@ from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import layers
 from mvhan_jax.ranking import metrics
 from mvhan_jax.ranking import models
-from mvhan_jax.ranking import train as ranking_train
+from mvhan_jax.tasks import ranking as ranking_train
+from mvhan_jax import train as train_loop
 
 
 def _np_softmax(z):
@@ -318,15 +319,15 @@ def test_movielens_ranking_split_has_no_future_leak(movielens_smoke):
 
 def test_training_learns_and_resumes_exactly(movielens_smoke, tmp_path):
   cfg, data = movielens_smoke
-  full = ranking_train.train_and_evaluate(cfg, str(tmp_path / "full"), data=data)
+  full = train_loop.train_and_evaluate(cfg, str(tmp_path / "full"), data=data)
   # Real MovieLens, 240 steps: both tasks well above chance on the held-out test items.
   assert full["test"]["ctr/AUC/all"] > 0.6 and full["test"]["ctcvr/AUC/all"] > 0.6
   assert full["test"]["ctr/GAUC/all"] > 0.6
 
   cut = cfg.copy_and_resolve_references()
   cut.stop_at_step = 120
-  assert ranking_train.train_and_evaluate(cut, str(tmp_path / "cut"), data=data) is None
-  resumed = ranking_train.train_and_evaluate(cfg, str(tmp_path / "cut"), data=data)
+  assert train_loop.train_and_evaluate(cut, str(tmp_path / "cut"), data=data) is None
+  resumed = train_loop.train_and_evaluate(cfg, str(tmp_path / "cut"), data=data)
   exp = ranking_train.build_ranking_experiment(cfg, data)
   a, _ = ranking_train.restore_params(str(tmp_path / "full"), exp, "latest")
   b, _ = ranking_train.restore_params(str(tmp_path / "cut"), exp, "latest")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from mvhan_jax import train
+
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,11 +19,11 @@ CONFIG = os.path.join(ROOT, "experiments", "configs", "mind_ml100k.py")
 def _step(dtype: str):
   cfg = load_config(f"{CONFIG}:model=mind,smoke")
   cfg.compute_dtype = dtype
-  exp = train.build_experiment(cfg)
+  exp = rtask.build_experiment(cfg)
   tx = train.make_optimizer(cfg.optimizer, 100)
-  state = train.init_state(exp, tx, jax.random.key(0))
-  batch = train.train_dataset(exp, 64, seed=0)[1]
-  new_state, metrics = train.make_train_step(exp, tx)(state, batch, exp.tables, jax.random.key(1))
+  state = rtask.init_state(exp, tx, jax.random.key(0))
+  batch = rtask.train_dataset(exp, 64, seed=0)[1]
+  new_state, metrics = rtask.make_train_step(exp, tx)(state, batch, exp.tables, jax.random.key(1))
   return new_state, metrics
 
 

@@ -78,6 +78,7 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   from mvhan_jax import sharding  # pylint: disable=import-outside-toplevel
   from mvhan_jax import sparse  # pylint: disable=import-outside-toplevel
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from mvhan_jax.data.types import FeatureSpec  # pylint: disable=import-outside-toplevel
   from mvhan_jax.models.two_tower import TwoTower  # pylint: disable=import-outside-toplevel
@@ -130,7 +131,7 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
     }
   res["lookup"] = look
 
-  # The trainer's own init (train.init_state: parameters, then Adam state, created inside jit with
+  # The trainer's own init (rtask.init_state: parameters, then Adam state, created inside jit with
   # their shardings) and step (make_train_step + pin_shardings) on (8,1), (4,2), (2,4)
   # against 1 device; the item table (1024 rows, min_rows 256) is split by rows over 'model'.
   model = TwoTower(num_items=1024, user_specs=(FeatureSpec("age", "categorical", 3),),
@@ -144,26 +145,26 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   source = pipeline.ArraySource({"user": rng.integers(0, 16, size=256).astype(np.int32), "history": seqs[:, :5],
                                  "history_len": rng.integers(1, 6, size=256).astype(np.int32), "target": seqs[:, 5]})
   sampler = losses.make_sampler("popularity", np.bincount(seqs.ravel(), minlength=n_items), 0.75)
-  exp = train.Experiment(cfg, None, None, source, {}, model, tables, sampler)
+  exp = rtask.Experiment(cfg, None, None, source, {}, model, tables, sampler)
   step_batches = [source.take(np.arange(i * bsz, (i + 1) * bsz)) for i in range(3)]
   runs, init_hlo, states = {}, {}, {}
-  base_params = [np.asarray(x) for x in jax.tree.leaves(train.init_state(
+  base_params = [np.asarray(x) for x in jax.tree.leaves(rtask.init_state(
       exp, optax.adam(3e-3), jax.random.key(0), sharding.make_mesh(1, 1, devices=jax.devices()[:1])).params)]
   for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
     tx = optax.adam(3e-3)
-    st = train.init_state(exp, tx, jax.random.key(0), mesh)
+    st = rtask.init_state(exp, tx, jax.random.key(0), mesh)
     if shape in ((1, 1), (2, 4)):
       specs = {jax.tree_util.keystr(k, simple=True, separator="/"): [str(v.sharding.spec), v.addressable_shards[0].data.shape[0]]
                for k, v in jax.tree_util.tree_leaves_with_path(st) if v.ndim == 2}
       # The per-device programs of init_state's two jits, lowered again with the shardings it gave.
       init_args = sharding.put_replicated((jax.random.key(0), train.example_batch(source, 2)), mesh)
       shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-      text = (jax.jit(train._params_init_fn(exp), out_shardings=shardings_of(st.params))  # pylint: disable=protected-access
+      text = (jax.jit(rtask._params_init_fn(exp), out_shardings=shardings_of(st.params))  # pylint: disable=protected-access
               .lower(*init_args).compile().as_text()
               + jax.jit(tx.init, out_shardings=shardings_of(st.opt_state)).lower(st.params).compile().as_text())
       init_hlo[str(shape)] = {"specs": specs, "table_rows": sorted({int(r) for r in re.findall(r"[uf]32\[(\d+),16\]", text)})}
-    step = sharding.pin_shardings(train.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
+    step = sharding.pin_shardings(rtask.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
     tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
     step_losses = []
     for bt in step_batches:
@@ -189,8 +190,8 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   for shape in ((1, 1), (2, 4)):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
     tx = sparse.SparseTableAdamW(lambda count: 3e-3, weight_decay=0.01, grad_clip=1.0, min_rows=256)
-    st = train.init_state(exp, tx, jax.random.key(0), mesh)
-    step = sharding.pin_shardings(train.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
+    st = rtask.init_state(exp, tx, jax.random.key(0), mesh)
+    step = sharding.pin_shardings(rtask.make_train_step(exp, tx), jax.tree.map(lambda x: x.sharding, st))
     tbl, key = sharding.put_replicated((tables, jax.random.key(1)), mesh)
     for bt in step_batches:
       st, m = step(st, sharding.global_batch(bt, sharding.batch_sharding(mesh, bsz)), tbl, key)
@@ -369,6 +370,7 @@ def _mp_run(workdir, log_dir, env, fresh: bool) -> subprocess.CompletedProcess:
 
 def _mp_experiment():
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config(_MP_CONFIG)
   for k, v in _MP_OVERRIDES.items():
@@ -377,7 +379,7 @@ def _mp_experiment():
     for part in path:
       node = node[part]
     node[leaf] = v
-  return train.build_experiment(cfg)
+  return rtask.build_experiment(cfg)
 
 
 def _finalized_checkpoints(path) -> list[int]:
@@ -399,6 +401,7 @@ def two_process(tmp_path_factory):
 
 def test_two_process_run_trains_and_writes_once(two_process):
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
 
@@ -421,9 +424,9 @@ def test_two_process_run_trains_and_writes_once(two_process):
   # reproduces the test metrics the 2-process job reported.
   results = json.loads(open(os.path.join(workdir, "results.json")).read())
   exp = _mp_experiment()
-  params, step = train.restore_params(workdir, exp, "best")
+  params, step = rtask.restore_params(workdir, exp, "best")
   assert step == _MP_STEPS
-  assert train.evaluate(exp, params, "test") == pytest.approx(results["test"], rel=1e-5)
+  assert rtask.evaluate(exp, params, "test") == pytest.approx(results["test"], rel=1e-5)
 
 
 def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tmp_path_factory, tmp_path):
@@ -433,6 +436,7 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
   deterministic) and the same metrics log, written once."""
   import jax  # pylint: disable=import-outside-toplevel
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
 
@@ -480,8 +484,8 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
             == CheckpointManager(os.path.join(straight, name)).all_steps())
   assert sorted(os.listdir(workdir)) == sorted(os.listdir(straight))
   exp = _mp_experiment()
-  a, step_a = train.restore_params(straight, exp, "latest")
-  b, step_b = train.restore_params(workdir, exp, "latest")
+  a, step_a = rtask.restore_params(straight, exp, "latest")
+  b, step_b = rtask.restore_params(workdir, exp, "latest")
   assert step_a == step_b == _MP_STEPS
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

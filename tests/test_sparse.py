@@ -11,6 +11,7 @@ import pytest
 
 from mvhan_jax import sparse
 from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,17 +121,17 @@ def test_trainer_steps_match_dense_adamw_on_the_rows_they_touch():
   cfg = load_config(os.path.join(ROOT, "experiments", "configs", "two_tower_ml100k.py") + ":smoke")
   cfg.optimizer.weight_decay = 0.1
   cfg.loss.kind = "in_batch"
-  exp = train.build_experiment(cfg)
+  exp = rtask.build_experiment(cfg)
   dense_tx = train.make_optimizer(cfg.optimizer, 100)
   cfg.optimizer.sparse_min_rows = 1000
   lazy_tx = train.make_optimizer(cfg.optimizer, 100)
   assert isinstance(lazy_tx, sparse.SparseTableAdamW)
   key = jax.random.key(0)
   batch = train.example_batch(exp.train_source, cfg.batch_size)
-  s_dense = train.init_state(exp, dense_tx, key)
-  s_lazy = train.init_state(exp, lazy_tx, key)
+  s_dense = rtask.init_state(exp, dense_tx, key)
+  s_lazy = rtask.init_state(exp, lazy_tx, key)
   init = np.asarray(s_dense.params["params"]["item_id_embed"]["embedding"])
-  dense_step, lazy_step = train.make_train_step(exp, dense_tx), train.make_train_step(exp, lazy_tx)
+  dense_step, lazy_step = rtask.make_train_step(exp, dense_tx), rtask.make_train_step(exp, lazy_tx)
   for _ in range(2):
     s_dense, m_dense = dense_step(s_dense, batch, exp.tables, key)
     s_lazy, m_lazy = lazy_step(s_lazy, batch, exp.tables, key)

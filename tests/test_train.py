@@ -14,6 +14,7 @@ import pytest
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 from mvhan_jax.metrics_writer import read_metrics
 
@@ -64,15 +65,15 @@ def test_smoke_run_writes_index_and_results(smoke_run):
     assert json.load(f)["step"] == results["best_step"]
   assert results["index"]["ann_recall@10"] > 0.8
   # Recommendations never repeat what the user has seen, and the index agrees with exact search.
-  exp = train.build_experiment(cfg)
-  params, _ = train.restore_params(workdir, exp)
+  exp = rtask.build_experiment(cfg)
+  params, _ = rtask.restore_params(workdir, exp)
   test = exp.eval_sets["test"]
   user = int(test.user[5])
   recs = cli.recommend(exp, index, params, user, 10)
   seen = set(test.exclude_indices[test.exclude_indptr[5]:test.exclude_indptr[6]].tolist())
   assert len(recs) == 10 and not seen & {i for i, _ in recs}
   # Re-evaluating the restored best parameters reproduces the reported test metrics.
-  assert train.evaluate(exp, params, "test") == pytest.approx(results["test"], rel=1e-6)
+  assert rtask.evaluate(exp, params, "test") == pytest.approx(results["test"], rel=1e-6)
 
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
@@ -96,9 +97,9 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
   assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed: raise total_steps"
   resumed = train.train_and_evaluate(cfg, killed)
 
-  exp = train.build_experiment(cfg)
-  a, _ = train.restore_params(straight, exp, "latest")
-  b, step = train.restore_params(killed, exp, "latest")
+  exp = rtask.build_experiment(cfg)
+  a, _ = rtask.restore_params(straight, exp, "latest")
+  b, step = rtask.restore_params(killed, exp, "latest")
   assert step == cfg.total_steps
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

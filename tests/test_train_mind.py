@@ -9,6 +9,7 @@ from mvhan_jax import evaluation
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 from mvhan_jax.metrics_writer import read_metrics
 
@@ -27,17 +28,17 @@ def test_multi_interest_model_learns_and_serves(model, tmp_path):
   assert results["valid"]["HR@50"] > 0.12  # random: 0.03
   assert results["index"]["ann_recall@10"] > 0.8
 
-  exp = train.build_experiment(cfg)
-  params, _ = train.restore_params(str(tmp_path), exp)
+  exp = rtask.build_experiment(cfg)
+  params, _ = rtask.restore_params(str(tmp_path), exp)
   test = exp.eval_sets["test"]
-  users, mask = train.encode_users(exp, params, test)
+  users, mask = rtask.encode_users(exp, params, test)
   assert users.shape == (len(test.user), 4, cfg.model.dim) and mask.shape == (len(test.user), 4)
   if model == "mind":  # dynamic K'_u = max(1, min(4, floor(log2 |history|)))
     expect = np.clip(np.floor(np.log2(np.maximum(test.history_len, 1))), 1, 4)
     np.testing.assert_array_equal(mask.sum(1), expect)
   # Serving: the saved index answers multi-interest queries like the exact merged search.
   index = retrieval.load_index(os.path.join(str(tmp_path), "index"))
-  items = train.encode_items(exp, params)
+  items = rtask.encode_items(exp, params)
   exact = retrieval.ExactIndex(items)
   a, _ = index.search(users[:50], 10, query_mask=mask[:50])
   b, _ = exact.search(users[:50], 10, query_mask=mask[:50])

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mvhan_jax import train
+
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 from mvhan_jax.data import pipeline
 
@@ -22,11 +24,11 @@ def _config(args: str):
 
 @pytest.fixture(scope="module")
 def typed_exp():
-  return train.build_experiment(_config("smoke,typed"))
+  return rtask.build_experiment(_config("smoke,typed"))
 
 
 def test_typed_batches_follow_the_schedule_and_carry_their_type(typed_exp):
-  ds = train.train_dataset(typed_exp, 64, seed=0)
+  ds = rtask.train_dataset(typed_exp, 64, seed=0)
   item_type = typed_exp.item_type
   for step in range(8):
     batch = ds[step]
@@ -34,7 +36,7 @@ def test_typed_batches_follow_the_schedule_and_carry_their_type(typed_exp):
     assert set(item_type[batch["target"]].tolist()) == {want}
     assert set(batch["content_type"].tolist()) == {want}
   # An epoch is measured in the scheduled types' examples (all three here).
-  assert train.num_train_examples(typed_exp) == len(typed_exp.train_source)
+  assert rtask.num_train_examples(typed_exp) == len(typed_exp.train_source)
 
 
 def test_target_type_step_trains_the_shared_parts_not_the_source_head(typed_exp):
@@ -43,10 +45,10 @@ def test_target_type_step_trains_the_shared_parts_not_the_source_head(typed_exp)
   A trainer that drew negatives from all items would push gradient into every head."""
   cfg = typed_exp.config
   tx = train.make_optimizer(cfg.optimizer, 100)
-  state = train.init_state(typed_exp, tx, jax.random.key(0))
+  state = rtask.init_state(typed_exp, tx, jax.random.key(0))
   before = jax.tree.map(np.asarray, state.params)
-  step = train.make_train_step(typed_exp, tx)
-  ds = train.train_dataset(typed_exp, 64, seed=0)
+  step = rtask.make_train_step(typed_exp, tx)
+  ds = rtask.train_dataset(typed_exp, 64, seed=0)
   for i in (1, 5):  # two 'family' steps: the warmup schedule's learning rate is 0 at step 0
     batch = ds[i]
     assert set(batch["content_type"].tolist()) == {2}
@@ -68,11 +70,11 @@ def test_per_type_negatives_need_a_schedule_and_content_types():
   cfg = _config("smoke")
   cfg.loss.negatives_per_type = True
   with pytest.raises(ValueError, match="type_schedule"):
-    train.build_experiment(cfg)
+    rtask.build_experiment(cfg)
   cfg = load_config(os.path.join(ROOT, "experiments", "configs", "two_tower_ml100k.py") + ":smoke")
   cfg.eval_per_type = True
   with pytest.raises(ValueError, match="content_types"):
-    train.build_experiment(cfg)
+    rtask.build_experiment(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +107,9 @@ def test_learned_temperature_moves_and_is_logged(smoke_run):
 
 def test_pooled_two_tower_on_typed_data_uses_all_items_as_negatives():
   cfg = _config("smoke,model=two_tower")
-  exp = train.build_experiment(cfg)
+  exp = rtask.build_experiment(cfg)
   assert exp.type_samplers is None and exp.examples_by_type is None
-  batch = next(pipeline.iterate(train.train_dataset(exp, 256, seed=0)))
+  batch = next(pipeline.iterate(rtask.train_dataset(exp, 256, seed=0)))
   assert "content_type" not in batch
   # Mixed-type batches (a typed schedule would give exactly one type) ...
   assert len(set(exp.item_type[batch["target"]].tolist())) >= 2
@@ -124,9 +126,9 @@ def test_one_index_over_all_types_and_one_per_type(smoke_run):
   per_type = results["index"]["types"]
   assert sorted(per_type) == ["family", "mainstream", "niche"]
   assert per_type["family"]["items"] == 131 and per_type["niche"]["items"] == 141
-  exp = train.build_experiment(_config("smoke,typed,learn_temperature"))
-  params, _ = train.restore_params(workdir, exp, "best")
-  users, _ = train.encode_users(exp, params, exp.eval_sets["test"], rows=np.arange(50))
+  exp = rtask.build_experiment(_config("smoke,typed,learn_temperature"))
+  params, _ = rtask.restore_params(workdir, exp, "best")
+  users, _ = rtask.encode_users(exp, params, exp.eval_sets["test"], rows=np.arange(50))
   for t, name in enumerate(("mainstream", "family", "niche"), start=1):
     index = retrieval.load_index(os.path.join(workdir, "index", "types", name))
     ids, _ = index.search(users, 10)

@@ -4,6 +4,7 @@ import numpy as np
 
 from mvhan_jax import evaluation
 from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.configs import load_config
 
 
@@ -13,7 +14,7 @@ def test_two_tower_beats_popularity_on_a_synthetic_world(tmp_path):
   cfg.index.build = False
   results = train.train_and_evaluate(cfg, str(tmp_path))
 
-  exp = train.build_experiment(cfg)
+  exp = rtask.build_experiment(cfg)
   counts = np.bincount(np.concatenate(exp.split.train_sequences), minlength=exp.data.num_items).astype(np.float32)
   test = exp.eval_sets["test"]
   pop = evaluation.LeaveOneOutEvaluator(test).evaluate(np.ones((len(test.user), 1), np.float32), counts[:, None])

@@ -24,6 +24,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = dict(a.partition("=")[::2] for a in (arg or "").split(",") if a)
   c = ml_collections.ConfigDict()
+  c.task = "ranking"
   c.seed = 0
   c.maxlen = 50
 

@@ -30,6 +30,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """Everything but the dataset (shared with seminar_ml100k.py)."""
   c = ml_collections.ConfigDict()
+  c.task = "seminar"
   c.seed = 0
   c.maxlen = 1024
   c.model = ml_collections.ConfigDict(dict(

@@ -16,6 +16,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = set((arg or "").split(",")) - {""}
   c = ml_collections.ConfigDict()
+  c.task = "retrieval"
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict()

@@ -15,23 +15,23 @@ import numpy as np
 
 from mvhan_jax import evaluation
 from mvhan_jax.data import protocol
-from mvhan_jax import train as retrieval_train
+from mvhan_jax.tasks import retrieval as retrieval_task
 from mvhan_jax.ranking import data as ranking_data
-from mvhan_jax.ranking import train as ranking_train
+from mvhan_jax.tasks import ranking as ranking_task
 
 
 def _load_retrieval(retrieval_config, retrieval_workdir: str):
   """-> (retrieval experiment, best-checkpoint parameters, item vectors)."""
-  exp = retrieval_train.build_experiment(retrieval_config)
-  params, _ = retrieval_train.restore_params(retrieval_workdir, exp, "best")
-  return exp, params, retrieval_train.encode_items(exp, params)
+  exp = retrieval_task.build_experiment(retrieval_config)
+  params, _ = retrieval_task.restore_params(retrieval_workdir, exp, "best")
+  return exp, params, retrieval_task.encode_items(exp, params)
 
 
 def retrieve(retrieval_config, retrieval_workdir: str, num_candidates: int = 100, split: str = "test"):
   """-> (retrieval experiment, the split's EvalSet, candidate ids int32 [Q, N] in retrieval order)."""
   exp, params, items = _load_retrieval(retrieval_config, retrieval_workdir)
   queries = exp.eval_sets[split]
-  users, mask = retrieval_train.encode_users(exp, params, queries)
+  users, mask = retrieval_task.encode_users(exp, params, queries)
   _, ids = evaluation.exact_topk(users, items, num_candidates, query_mask=mask,
                                  exclude_indptr=queries.exclude_indptr, exclude_indices=queries.exclude_indices)
   return exp, queries, np.asarray(ids)
@@ -62,7 +62,7 @@ def candidate_pool(retrieval_config, retrieval_workdir: str, size: int = 100):
     queries = protocol.EvalSet(user=np.asarray(users, np.int32), history=history, history_len=history_len,
                                exclude_indptr=indptr, exclude_indices=np.concatenate(excl),
                                targets=np.full((len(users), 1), -1, np.int32))
-    vecs, mask = retrieval_train.encode_users(exp, params, queries)
+    vecs, mask = retrieval_task.encode_users(exp, params, queries)
     _, ids = evaluation.exact_topk(vecs, items, size, query_mask=mask, exclude_indptr=indptr,
                                    exclude_indices=queries.exclude_indices)
     return np.asarray(ids, np.int32)
@@ -76,7 +76,7 @@ def target_positions(candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return np.where(hit.any(1), hit.argmax(1), candidates.shape[1])
 
 
-def rank_candidates(rank_exp: ranking_train.RankingExperiment, params, users, history, history_len,
+def rank_candidates(rank_exp: ranking_task.RankingExperiment, params, users, history, history_len,
                     candidates: np.ndarray, scenario_of_user: np.ndarray) -> dict[str, np.ndarray]:
   """Probabilities [Q, N] ('ctr', 'ctcvr') of every (user, candidate) impression."""
   q, n = candidates.shape
@@ -84,7 +84,7 @@ def rank_candidates(rank_exp: ranking_train.RankingExperiment, params, users, hi
   split = {"user": np.repeat(users, n), "item": np.where(valid, candidates, 0).reshape(-1),
            "scenario": np.repeat(scenario_of_user[users], n),
            "history": np.repeat(history, n, axis=0), "history_len": np.repeat(history_len, n)}
-  preds = ranking_train.predict_split(rank_exp, params, split)
+  preds = ranking_task.predict_split(rank_exp, params, split)
   return {k: np.where(valid, preds[k].reshape(q, n), -np.inf) for k in ("ctr", "ctcvr")}
 
 
@@ -125,8 +125,8 @@ def retrieve_then_rank(retrieval_config, retrieval_workdir: str, rankers: Mappin
   pop_scores = np.where(candidates >= 0, popularity[np.maximum(candidates, 0)], -np.inf)
   rows["Retrieval + popularity"] = target_positions(rerank(candidates, pop_scores), targets)
   for label, (ranking_config, ranking_workdir) in rankers.items():
-    rank_exp = ranking_train.build_ranking_experiment(ranking_config)
-    params, _ = ranking_train.restore_params(ranking_workdir, rank_exp, "best")
+    rank_exp = ranking_task.build_ranking_experiment(ranking_config)
+    params, _ = ranking_task.restore_params(ranking_workdir, rank_exp)
     # The ranker's own test history (its maxlen), from the same leave-one-out split.
     rank_test = exp.split.eval_set("test", ranking_config.maxlen)
     if not np.array_equal(rank_test.user, test.user):

@@ -1,7 +1,5 @@
-"""The ranking trainer: multi-scenario multi-task BCE with ESMM's CTCVR, AUC / GAUC evaluation.
-
-Sections as `mvhan_jax.train`: experiment (data, model), optimizer and state, loss and update step,
-evaluation, checkpoints (resume), loop, final evaluation.
+"""The ranking task: multi-scenario multi-task BCE with ESMM's CTCVR, AUC / GAUC evaluation, for
+HiNet and its baselines (shared-bottom, MMoE, PLE, STAR), trained by `mvhan_jax.train`'s loop.
 
 Loss. A model returns logits [B, S, T] for every (scenario, task) head. Sample b contributes only
 through the heads of its own scenario s_b (the authors' code sums every head's loss over every
@@ -13,34 +11,28 @@ scenario's heads):
 with BCE_ctr on pCTR = sigmoid(logit_ctr) and BCE_ctcvr on pCTCVR = pCTR * sigmoid(logit_cvr)
 against click AND conversion, over every impression (the entire space, ESMM). pCVR is never
 supervised on its own.
-
-Exact resumption as in `mvhan_jax.train`: batch i is a pure function of (seed, i) and the step key is
-``fold_in(key, i)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import time
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from mvhan_jax import sharding
+from mvhan_jax import train as loop
+from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import metrics as ranking_metrics
 from mvhan_jax.ranking import models
-from mvhan_jax import train as retrieval_train
 from mvhan_jax.train import TrainState, make_optimizer
 
 EVAL_TASKS = ("ctr", "ctcvr", "cvr")
@@ -72,15 +64,27 @@ def build_ranking_experiment(config, data: ranking_data.RankingData | None = Non
 FEATURE_KEYS = ("user", "item", "scenario", "history", "history_len")
 
 
-def init_state(exp: RankingExperiment, tx, rng) -> TrainState:
-  example = {k: v[:2] for k, v in exp.data.splits["train"].items() if k in FEATURE_KEYS}
+def _params_init_fn(exp: RankingExperiment):
+  def _init(rng, batch, tables):
+    return exp.model.init({"params": rng, "dropout": rng}, batch, tables)
+  return _init
 
-  @jax.jit
-  def _init(rng, batch):
-    params = exp.model.init({"params": rng, "dropout": rng}, batch, exp.tables)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return _init(rng, example)
+def example_batch(exp: RankingExperiment, n: int = 2) -> dict[str, np.ndarray]:
+  return {k: v[:n] for k, v in exp.data.splits["train"].items() if k in FEATURE_KEYS}
+
+
+def init_state(exp: RankingExperiment, tx, rng, mesh=None) -> TrainState:
+  """`mvhan_jax.train.init_state` for this experiment's model (default mesh: ``config.mesh``)."""
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  return loop.init_state(_params_init_fn(exp), (rng, example_batch(exp), exp.tables), tx, mesh,
+                         sharding.mesh_config(exp.config))
+
+
+def abstract_state(exp: RankingExperiment, tx, mesh=None) -> TrainState:
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  return loop.abstract_state(_params_init_fn(exp), (jax.random.key(0), example_batch(exp), exp.tables), tx, mesh,
+                             sharding.mesh_config(exp.config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def make_train_step(exp: RankingExperiment, tx):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), metrics
 
   return train_step
 
@@ -183,108 +187,83 @@ def evaluate(exp: RankingExperiment, params, split: str) -> dict[str, float]:
   return evaluate_predictions(data, predict_split(exp, params, data), exp.data.scenario_names)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-# The retrieval trainer's checkpoint layout: 'state' + 'meta' items, the same manager options.
-_manager = retrieval_train._manager  # pylint: disable=protected-access
-_abstract = retrieval_train._abstract  # pylint: disable=protected-access
 
-
-def restore_params(workdir: str, exp: RankingExperiment, which: str = "best"):
-  """Parameters of the best-by-validation (``which='best'``) or latest checkpoint, and its step."""
-  path = os.path.join(workdir, "best" if which == "best" else "checkpoints")
-  mngr = _manager(path, 1)
+def restore_params(workdir, exp: RankingExperiment, which: str = "best") -> tuple[Any, int]:
+  """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
+  template = abstract_state(exp, make_optimizer(exp.config.optimizer, 1))
+  if which == "best":
+    return loop.restore_best(workdir, template.params)
+  mngr = loop.checkpoint_manager(wd.path(workdir) / "checkpoints", 1)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {path}: train with this workdir first")
-  tx = make_optimizer(exp.config.optimizer, 1)
-  template = jax.eval_shape(lambda: init_state(exp, tx, jax.random.key(0)))
-  target = template.params if which == "best" else template
-  state = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))["state"]
-  return (state if which == "best" else state.params), step
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train with this workdir first")
+  return loop.restore_checkpoint(mngr, step, template)[0].params, step
 
 
 # --------------------------------------------------------------------------------------------------
-# train_and_evaluate
+# The task
 # --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, data: ranking_data.RankingData | None = None) -> dict[str, Any] | None:
-  """Trains (resuming from ``workdir``), selects the best step by ``config.select_metric`` on the
-  validation split and returns (and writes to ``results.json``) its valid and test metrics.
+class RankingTask:
+  """Plug-in of `mvhan_jax.train` for the ranking models (config.task = 'ranking')."""
 
-  ``data``: an already built `RankingData` for this config (scripts reuse it across models).
-  Returns None when ``config.stop_at_step`` ends the run early (a simulated preemption).
-  """
-  os.makedirs(workdir, exist_ok=True)
-  exp = build_ranking_experiment(config, data)
-  source = exp.train_source
-  steps_per_epoch = len(source) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(source)} training impressions: lower it")
-  total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
-  eval_every = config.get("eval_every_steps") or steps_per_epoch
-  logging.info("%s: %d training impressions, %d steps/epoch, %d steps", exp.data.name, len(source),
-               steps_per_epoch, total_steps)
+  name = "ranking"
 
-  tx = make_optimizer(config.optimizer, total_steps)
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  state = init_state(exp, tx, init_key)
-  train_step = make_train_step(exp, tx)
+  def __init__(self, config, data: ranking_data.RankingData | None = None):
+    self.config = config
+    self.exp = build_ranking_experiment(config, data)
 
-  latest, best = _manager(os.path.join(workdir, "checkpoints"), 2), _manager(os.path.join(workdir, "best"), 1)
-  meta = {"best_metric": -1.0, "best_step": -1}
-  if latest.latest_step() is not None:
-    restored = latest.restore(latest.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
-    state, meta = restored["state"], restored["meta"]
-    logging.info("resumed from step %d", int(state.step))
-  start_step = int(state.step)
-  writer = MetricsWriter(workdir, tensorboard=config.get("tensorboard", False))
-  writer.truncate_after(start_step)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  def stages(self, workdir):
+    del workdir
+    config, exp = self.config, self.exp
+    source = exp.train_source
+    steps_per_epoch = len(source) // config.batch_size
+    if steps_per_epoch == 0:
+      raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(source)} training impressions: lower it")
+    total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
+    tx = make_optimizer(config.optimizer, total_steps)
+    yield loop.Stage(
+        name="", config=config, total_steps=total_steps, batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch, source=source,
+        dataset=lambda shard, count: pipeline.train_batches(source, config.batch_size, seed=config.seed,
+                                                            shard_index=shard, shard_count=count),
+        tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp), exp.tables),
+        train_step=make_train_step(exp, tx), consts=exp.tables, key=jax.random.key(config.seed),
+        evaluate=lambda params, split: evaluate(exp, sharding.host_local(params), split),
+        eval_every=config.get("eval_every_steps") or steps_per_epoch, select_metric=config.select_metric,
+        patience=config.get("early_stopping_patience", 0), log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", False),
+        progress=config.get("progress", True), shown_metric=lambda k: k.endswith("/all"))
 
-  def save(step, mngr, tree):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+  def restore_best(self, workdir):
+    return restore_params(workdir, self.exp)
 
-  batches = pipeline.iterate(pipeline.train_batches(source, config.batch_size, seed=config.seed, shard_index=0,
-                                                    shard_count=1), start_step=start_step, prefetch=2)
-  stop_at = config.get("stop_at_step", -1)
-  t_last, step = time.perf_counter(), start_step
-  while step < total_steps:
-    state, m = train_step(state, next(batches), exp.tables, step_key)
-    step += 1
-    if step % config.log_every_steps == 0 or step == total_steps:
-      now = time.perf_counter()
-      row = {f"train/{k}": float(v) for k, v in jax.device_get(m).items()}
-      row["train/examples_per_sec"] = config.log_every_steps * config.batch_size / max(now - t_last, 1e-9)
-      t_last = now
-      writer.write(step, row)
-    is_eval = step % eval_every == 0 or step == total_steps
-    if is_eval:
-      valid = evaluate(exp, state.params, "valid")
-      writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
-      logging.info("step %d: valid %s %.4f", step, config.select_metric, valid[config.select_metric])
-      if valid[config.select_metric] > meta["best_metric"]:
-        meta.update(best_metric=float(valid[config.select_metric]), best_step=step)
-        save(step, best, state.params)
-    if is_eval or step % config.checkpoint_every_steps == 0 or step == stop_at:
-      save(step, latest, state)
-    if step == stop_at:
-      latest.wait_until_finished()
-      best.wait_until_finished()
-      writer.close()
-      return None
-  latest.wait_until_finished()
-  best.wait_until_finished()
+  def evaluate(self, tree, split: str) -> dict[str, float]:
+    return evaluate(self.exp, sharding.host_local(tree), split)
 
-  params, best_step = restore_params(workdir, exp, "best")
-  results = {"valid": evaluate(exp, params, "valid"), "test": evaluate(exp, params, "test"),
-             "best_step": int(best_step), "final_step": step, "data": exp.data.summary(),
-             "scenarios": list(exp.data.scenario_names)}
-  writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
-  writer.close()
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  return results
+  def finish(self, workdir, metas) -> dict[str, Any]:
+    meta = metas[""]
+    params, best_step = self.restore_best(workdir)
+    results = {"valid": self.evaluate(params, "valid"), "test": self.evaluate(params, "test"),
+               "best_step": int(best_step), "final_step": meta["final_step"],
+               "stopped_early": bool(meta["stopped_early"]),
+               "train_examples_per_sec": meta["train_examples_per_sec"],
+               "data": self.exp.data.summary(), "scenarios": list(self.exp.data.scenario_names)}
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
+    writer.write(meta["final_step"], {f"test/{k}": v for k, v in results["test"].items()})
+    writer.close()
+    return results
+
+  def format_results(self, results: dict) -> str:
+    return format_table(results, self.config.model.name, self.exp.data.scenario_names)
+
+
+def format_table(results: dict, model_name: str, scenario_names) -> str:
+  """AUC and GAUC per task over all scenarios (one row per split), then test AUC per scenario."""
+  from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+  cols = [f"{t}/{m}/all" for t in ("ctr", "ctcvr") for m in ("AUC", "GAUC")] + ["cvr/AUC/all"]
+  rows = {f"{model_name} ({split})": [{c: results[split][c] for c in cols}] for split in ("valid", "test")}
+  table = report.mean_std_table(rows, cols)
+  test = results["test"]
+  per = {name: [{f"{t}/AUC": test[f"{t}/AUC/{name}"] for t in ("ctr", "ctcvr", "cvr")}] for name in scenario_names}
+  table += "\n\nTest AUC per scenario:\n\n" + report.mean_std_table(per, ["ctr/AUC", "ctcvr/AUC", "cvr/AUC"])
+  return table

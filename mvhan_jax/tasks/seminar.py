@@ -1,15 +1,13 @@
-"""SEMINAR's trainer: PSU pretraining, downstream finetuning, full-corpus and sampled evaluation.
-
-Sections as `mvhan_jax.train`: config checks, experiment, PSU pretraining, downstream state and
-step, product-quantisation codebooks, evaluation, train_and_evaluate.
+"""The SEMINAR task: PSU pretraining (a first stage), then downstream finetuning with GSU/ESU
+target attention, full-corpus and sampled evaluation; trained by `mvhan_jax.train`'s loop.
 
 Workdir layout:
-  psu/checkpoints, psu/final    PSU pretraining (resumable; ``final`` holds the pretrained params)
-  checkpoints/, best/           downstream state (latest 2) and best-by-validation params
+  psu/checkpoints, psu/metrics.jsonl   PSU pretraining (resumable; its last checkpoint holds the
+                                       pretrained parameters that ``pretrain.checkpoint`` may name)
+  checkpoints/, best/                  downstream state (latest 2) and best-by-validation params + codebooks
   metrics.jsonl, config.json, results.json
-Checkpoints use the retrieval trainer's manager (`mvhan_jax.train._manager`: 'state' + 'meta'
-items). Exact resumption as there: batch i is a pure function of (seed, i), step keys are
-``fold_in(key, i)``, and the PQ codebooks (refreshed at evaluation steps) live in the state.
+The PQ codebooks (refreshed at evaluation steps) live in the state (`TrainState.extra`), so resume
+stays exact.
 
 Evaluation (leave-one-out, `mvhan_jax.seminar.data`): 'full/*' ranks the target against every item
 of the catalogue (each item scored as the model's target; the user's history excluded, the target
@@ -21,33 +19,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from typing import Any
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from mvhan_jax import evaluation
 from mvhan_jax import losses as shared_losses
-from mvhan_jax import train as retrieval_train
+from mvhan_jax import sharding
+from mvhan_jax import train as loop
+from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
 from mvhan_jax.models import pq
 from mvhan_jax.seminar import data as sdata
 from mvhan_jax.seminar import losses
 from mvhan_jax.seminar import model as smodel
+from mvhan_jax.train import TrainState, make_optimizer
 
-_manager = retrieval_train._manager  # pylint: disable=protected-access
-_abstract = retrieval_train._abstract  # pylint: disable=protected-access
-make_optimizer = retrieval_train.make_optimizer
 KS = (10, 50)
 
 
@@ -118,25 +112,8 @@ def build_experiment(config, data: sdata.SeminarData | None = None) -> SeminarEx
                            negatives)
 
 
-@flax.struct.dataclass
-class SeminarState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  codebooks: jax.Array  # [M + 1, C_pq, 256, d / C_pq] (modalities, keywords); zeros until trained
-
-
 def _example(source, n: int = 2):
   return source.take(np.arange(min(n, len(source))))
-
-
-def _save(mngr, step, tree, meta):
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(mngr, step, template):
-  return mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +140,7 @@ def make_psu_step(exp: SeminarExperiment, tx):
     neg = jax.random.randint(jax.random.fold_in(key, state.step), batch["history_item"].shape, 0, n_items)
     grads, metrics = jax.grad(lambda p: psu_loss(exp.psu, p, batch, neg, tables, pcfg), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return retrieval_train.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), metrics
 
   return step_fn
 
@@ -174,72 +151,63 @@ def _psu_optimizer(config, total_steps):
   return make_optimizer(ocfg, total_steps)
 
 
-def _psu_init(exp, tx, key, example):
-  @jax.jit
+def _psu_params_fn(exp: SeminarExperiment):
   def init(key, example, tables):
-    neg = jnp.zeros_like(example["history_item"])
-    params = exp.psu.init(key, example, neg, tables)
-    return retrieval_train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  return init(key, example, exp.tables)
+    return exp.psu.init(key, example, jnp.zeros_like(example["history_item"]), tables)
+  return init
 
 
-def pretrain(exp: SeminarExperiment, psu_dir: str) -> str:
-  """Runs (or resumes, or skips when done) PSU pretraining; returns the ``final`` checkpoint dir."""
+def _psu_init(exp, tx, key, example):
+  """A fresh PSU TrainState (single device; tests)."""
+  mesh = sharding.mesh_from_config(exp.config)
+  return loop.init_state(_psu_params_fn(exp), (key, example, exp.tables), tx, mesh, sharding.mesh_config(exp.config))
+
+
+def psu_stage(exp: SeminarExperiment) -> loop.Stage:
+  """PSU pretraining as the first stage of the loop (``<workdir>/psu``)."""
   config, pcfg = exp.config, exp.config.pretrain
-  final_dir = os.path.join(psu_dir, "final")
-  final = _manager(final_dir, 1)
-  if final.latest_step() is not None:
-    return final_dir
   source = sdata.psu_source(exp.data, pcfg.window, pcfg.windows_per_user, config.dataset.data_seed)
   steps_per_epoch = len(source) // pcfg.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"config.pretrain.batch_size={pcfg.batch_size} exceeds the {len(source)} PSU windows")
+    raise ValueError(f"config.pretrain.batch_size={pcfg.batch_size} exceeds the {len(source)} PSU windows: lower it")
   total = pcfg.get("total_steps") or pcfg.num_epochs * steps_per_epoch
   tx = _psu_optimizer(config, total)
-  init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-  state = _psu_init(exp, tx, init_key, _example(source))
-  latest = _manager(os.path.join(psu_dir, "checkpoints"), 2)
-  meta = {}
-  if latest.latest_step() is not None:
-    state = _restore(latest, latest.latest_step(), state)["state"]
-  writer = MetricsWriter(psu_dir, tensorboard=False)
-  writer.truncate_after(int(state.step))
-  step_fn = make_psu_step(exp, tx)
-  batches = pipeline.iterate(pipeline.train_batches(source, pcfg.batch_size, seed=config.seed + 1000, shard_index=0,
-                                                    shard_count=1), start_step=int(state.step), prefetch=2)
-  step = int(state.step)
-  while step < total:
-    state, m = step_fn(state, next(batches), exp.tables, step_key)
-    step += 1
-    if step % config.log_every_steps == 0 or step == total:
-      writer.write(step, {f"psu/{k}": float(v) for k, v in jax.device_get(m).items()})
-    if step % config.checkpoint_every_steps == 0 and step < total:
-      _save(latest, step, state, meta)
-    if step == config.pretrain.get("stop_at_step", -1):
-      latest.wait_until_finished()
-      raise InterruptedError(f"pretraining stopped at step {step} (config.pretrain.stop_at_step)")
-  _save(final, step, state.params, {"step": step})
-  final.wait_until_finished()
-  latest.wait_until_finished()
-  writer.close()
-  return final_dir
+  return loop.Stage(
+      name="psu", config=config, total_steps=total, batch_size=pcfg.batch_size, steps_per_epoch=steps_per_epoch,
+      source=source,
+      dataset=lambda shard, count: pipeline.train_batches(source, pcfg.batch_size, seed=config.seed + 1000,
+                                                          shard_index=shard, shard_count=count),
+      tx=tx, init_params=_psu_params_fn(exp), init_args=(_example(source), exp.tables),
+      train_step=make_psu_step(exp, tx), consts=exp.tables, key=jax.random.fold_in(jax.random.key(config.seed), 1),
+      log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps, metric_prefix="psu",
+      progress=config.get("progress", True))
 
 
-def load_pretrained_embedder(exp: SeminarExperiment, path: str):
-  """The embedder parameters of a PSU ``final`` checkpoint dir (or a workdir / its psu dir)."""
-  for cand in (path, os.path.join(path, "final"), os.path.join(path, "psu", "final")):
-    mngr = _manager(cand, 1)
-    if mngr.latest_step() is not None:
+def pretrain(exp: SeminarExperiment, workdir) -> str:
+  """Runs (or resumes, or skips when done) PSU pretraining in ``<workdir>/psu``; returns that dir."""
+  loop.run_stage(psu_stage(exp), workdir)
+  return str(wd.path(workdir) / "psu")
+
+
+def load_pretrained_embedder(exp: SeminarExperiment, path):
+  """The embedder parameters of the last PSU checkpoint under ``path`` (a workdir, its ``psu``
+  directory, or that directory's ``checkpoints``)."""
+  path = wd.path(path)
+  for cand in (path, path / "checkpoints", path / "psu" / "checkpoints"):
+    mngr = loop.checkpoint_manager(cand, 1) if wd.exists(cand) else None
+    if mngr is not None and mngr.latest_step() is not None:
       break
   else:
-    raise FileNotFoundError(f"config.pretrain.checkpoint={path!r} holds no PSU checkpoint (expected "
-                            "<dir>/final written by pretraining)")
+    raise FileNotFoundError(f"config.pretrain.checkpoint={str(path)!r} holds no PSU checkpoint (expected a workdir "
+                            "whose psu/checkpoints pretraining wrote)")
   tx = _psu_optimizer(exp.config, 1)
-  template = jax.eval_shape(lambda: _psu_init(exp, tx, jax.random.key(0), _example(
-      sdata.WindowSource(exp.data, np.zeros(2, np.int32), exp.data.offsets[:1].repeat(2) + 2,
-                         exp.config.pretrain.window))))
-  params = _restore(mngr, mngr.latest_step(), template.params)["state"]
-  return params["params"]["embedder"]
+  mesh = sharding.mesh_from_config(exp.config)
+  source = sdata.WindowSource(exp.data, np.zeros(2, np.int32), exp.data.offsets[:1].repeat(2) + 2,
+                              exp.config.pretrain.window)
+  template = loop.abstract_state(_psu_params_fn(exp), (jax.random.key(0), _example(source), exp.tables), tx, mesh,
+                                 sharding.mesh_config(exp.config))
+  state, _ = loop.restore_checkpoint(mngr, mngr.latest_step(), template)
+  return sharding.host_local(state.params)["params"]["embedder"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,20 +231,30 @@ def _codebook_shape(config, data):
   return (len(data.modality_names) + 1, m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
 
 
-def init_state(exp: SeminarExperiment, tx, key, example, embedder_params=None) -> SeminarState:
-  """Fresh downstream state; ``embedder_params`` (from the PSU) replace the embedder's init."""
-  shape = _codebook_shape(exp.config, exp.data)
+def _codebook_shape(config, data):
+  m = config.model
+  return (len(data.modality_names) + 1, m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
 
-  @jax.jit
+
+def _params_fn(exp: SeminarExperiment):
+  """init(key, example, tables, embedder params or None) -> params; the PSU's embedder replaces
+  the embedder's random init."""
   def init(key, example, tables, emb):
-    cand = example["target"][:, None]
-    params = exp.model.init(key, example, cand, tables)
+    params = exp.model.init(key, example, example["target"][:, None], tables)
     if emb is not None:
       params = flax.core.unfreeze(params)
       params["params"]["embedder"] = emb
-    return SeminarState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros(shape, jnp.float32))
+    return params
+  return init
 
-  return init(key, example, exp.tables, embedder_params)
+
+def init_state(exp: SeminarExperiment, tx, key, example, embedder_params=None) -> TrainState:
+  """Fresh downstream state (codebooks zero in ``extra``); ``embedder_params`` (from the PSU) replace
+  the embedder's init."""
+  mesh = sharding.mesh_from_config(exp.config)
+  return loop.init_state(_params_fn(exp), (key, example, exp.tables, embedder_params), tx, mesh,
+                         sharding.mesh_config(exp.config), extra=np.zeros(_codebook_shape(exp.config, exp.data),
+                                                                          np.float32))
 
 
 def _candidates(batch, key, cdf, num_negatives):
@@ -307,14 +285,15 @@ def make_train_step(exp: SeminarExperiment, tx):
     return loss, {"loss": loss}
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: SeminarState, batch, tables, key, negatives):
-    """One BCE step; ``negatives`` = `SeminarExperiment.negatives`."""
+  def train_step(state: TrainState, batch, consts, key):
+    """One BCE step; ``consts`` = (feature tables, `SeminarExperiment.negatives`)."""
+    tables, negatives = consts
     k = jax.random.fold_in(key, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, state.codebooks, k, negatives)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, state.extra, k, negatives)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                               opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), metrics
 
   return train_step
 
@@ -408,122 +387,136 @@ def evaluate(exp: SeminarExperiment, params, split: str, attention: str, codeboo
   return out
 
 
-def restore_best(workdir: str, exp: SeminarExperiment):
+def restore_best(workdir, exp: SeminarExperiment):
   """(params, codebooks, step) of the best-by-validation checkpoint."""
-  mngr = _manager(os.path.join(workdir, "best"), 1)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/best: train with this workdir first")
   tx = downstream_optimizer(exp.config, 1)
   source = sdata.finetune_source(exp.data, exp.config.maxlen, 1, 1, 0)
-  template = jax.eval_shape(lambda: init_state(exp, tx, jax.random.key(0), _example(source)))
-  tree = _restore(mngr, step, {"params": template.params, "codebooks": template.codebooks})["state"]
+  mesh = sharding.mesh_from_config(exp.config)
+  template = loop.abstract_state(_params_fn(exp), (jax.random.key(0), _example(source), exp.tables, None), tx, mesh,
+                                 sharding.mesh_config(exp.config),
+                                 extra=np.zeros(_codebook_shape(exp.config, exp.data), np.float32))
+  tree, step = loop.restore_best(workdir, {"params": template.params, "codebooks": template.extra})
+  tree = sharding.host_local(tree)
   return tree["params"], tree["codebooks"], step
 
 
 # --------------------------------------------------------------------------------------------------
-# train_and_evaluate
+# The task
 # --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, data: sdata.SeminarData | None = None) -> dict[str, Any] | None:
-  """Pretrains (if enabled), finetunes (resuming from ``workdir``), selects the best step by
-  ``config.select_metric`` on validation and returns (and writes to results.json) its valid and
-  test metrics with the inference attention ``model.eval_attention`` (default: model.attention).
+class SeminarTask:
+  """Plug-in of `mvhan_jax.train` for SEMINAR (config.task = 'seminar'): stage 'psu' (PSU
+  pretraining, when ``pretrain.enabled`` and no ``pretrain.checkpoint``), then finetuning."""
 
-  ``eval.extra_attentions`` (e.g. ('pq',)): the best checkpoint's test metrics with each of these
-  GSU attentions too, under results['test_by_attention'].
-  Returns None when ``config.stop_at_step`` ends the run early (a simulated preemption).
-  """
-  os.makedirs(workdir, exist_ok=True)
-  t0 = time.perf_counter()
-  exp = build_experiment(config, data)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  source = sdata.finetune_source(exp.data, config.maxlen, config.train.targets_per_user,
-                                 config.train.min_history, config.dataset.data_seed)
-  steps_per_epoch = len(source) // config.train.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds the {len(source)} training examples")
-  total_steps = config.train.get("total_steps") or config.train.num_epochs * steps_per_epoch
-  eval_every = config.train.get("eval_every_steps") or steps_per_epoch
-  train_att = config.model.attention
-  eval_att = config.model.get("eval_attention") or train_att
+  name = "seminar"
 
-  # Pretraining and the embedder restore.
-  emb_params, psu_time = None, 0.0
-  if config.pretrain.enabled or config.pretrain.checkpoint:
+  def __init__(self, config, data: sdata.SeminarData | None = None):
+    self.config = config
+    self.t0 = time.perf_counter()
+    self.exp = build_experiment(config, data)
+    self.seconds = {"pretrain": 0.0}
+
+  def stages(self, workdir):
+    config, exp = self.config, self.exp
+    emb_params = None
+    if config.pretrain.enabled or config.pretrain.checkpoint:
+      t = time.perf_counter()
+      if config.pretrain.checkpoint:
+        path = config.pretrain.checkpoint
+      else:
+        yield psu_stage(exp)
+        path = wd.path(workdir) / "psu"
+      emb_params = load_pretrained_embedder(exp, path)
+      self.seconds["pretrain"] = time.perf_counter() - t
+    yield self.finetune_stage(emb_params)
+
+  def finetune_stage(self, emb_params) -> loop.Stage:
+    config, exp = self.config, self.exp
+    source = sdata.finetune_source(exp.data, config.maxlen, config.train.targets_per_user,
+                                   config.train.min_history, config.dataset.data_seed)
+    bs = config.train.batch_size
+    steps_per_epoch = len(source) // bs
+    if steps_per_epoch == 0:
+      raise ValueError(f"config.train.batch_size={bs} exceeds the {len(source)} training examples: lower it")
+    total_steps = config.train.get("total_steps") or config.train.num_epochs * steps_per_epoch
+    train_att = config.model.attention
+    eval_att = config.model.get("eval_attention") or train_att
+    pq_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    tx = downstream_optimizer(config, total_steps)
+
+    def on_start(state):
+      if train_att != "pq":
+        return state
+      return state.replace(extra=train_codebooks(exp, sharding.host_local(state.params), jax.random.fold_in(pq_key, 0)))
+
+    def before_eval(state, step):
+      # Refresh the codebooks on the keys the embedder now produces (the ones PQ attention uses).
+      if "pq" not in (train_att, eval_att):
+        return state
+      return state.replace(extra=train_codebooks(exp, sharding.host_local(state.params),
+                                                 jax.random.fold_in(pq_key, step)))
+
+    def valid_eval(tree, split):
+      tree = sharding.host_local(tree)
+      return evaluate(exp, tree["params"], split, eval_att, tree["codebooks"] if eval_att == "pq" else None,
+                      full_corpus=config.eval.full_corpus_valid or config.select_metric.startswith("full"))
+
+    self.t_train = time.perf_counter()
+    return loop.Stage(
+        name="", config=config, total_steps=total_steps, batch_size=bs, steps_per_epoch=steps_per_epoch,
+        source=source,
+        dataset=lambda shard, count: pipeline.train_batches(source, bs, seed=config.seed, shard_index=shard,
+                                                            shard_count=count),
+        tx=tx, init_params=_params_fn(exp), init_args=(_example(source), exp.tables, emb_params),
+        train_step=make_train_step(exp, tx), consts=(exp.tables, exp.negatives), key=jax.random.key(config.seed),
+        extra=np.zeros(_codebook_shape(config, exp.data), np.float32), on_start=on_start,
+        evaluate=valid_eval, before_eval=before_eval,
+        best_tree=lambda state: {"params": state.params, "codebooks": state.extra},
+        eval_every=config.train.get("eval_every_steps") or steps_per_epoch, select_metric=config.select_metric,
+        patience=config.get("early_stopping_patience", 0), log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", False),
+        progress=config.get("progress", True), shown_metric=lambda k: True)
+
+  def restore_best(self, workdir):
+    params, codebooks, step = restore_best(workdir, self.exp)
+    return {"params": params, "codebooks": codebooks}, step
+
+  def evaluate(self, tree, split: str) -> dict[str, float]:
+    eval_att = self.config.model.get("eval_attention") or self.config.model.attention
+    return evaluate(self.exp, tree["params"], split, eval_att, tree["codebooks"] if eval_att == "pq" else None,
+                    full_corpus=split == "test" or self.config.eval.full_corpus_valid)
+
+  def finish(self, workdir, metas) -> dict[str, Any]:
+    """The best checkpoint's valid and test metrics with the inference attention
+    ``model.eval_attention`` (default: model.attention); with ``eval.extra_attentions`` (e.g.
+    ('pq',)) its test metrics with each of these GSU attentions too, under 'test_by_attention'."""
+    config, exp = self.config, self.exp
+    meta = metas[""]
+    train_time = time.perf_counter() - self.t_train
     t = time.perf_counter()
-    path = config.pretrain.checkpoint or pretrain(exp, os.path.join(workdir, "psu"))
-    emb_params = load_pretrained_embedder(exp, path)
-    psu_time = time.perf_counter() - t
+    train_att = config.model.attention
+    eval_att = config.model.get("eval_attention") or train_att
+    pq_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    tree, best_step = self.restore_best(workdir)
+    params, codebooks = tree["params"], tree["codebooks"]
+    results = {"valid": self.evaluate(tree, "valid"), "test": self.evaluate(tree, "test"),
+               "best_step": int(best_step), "final_step": meta["final_step"], "attention": train_att,
+               "eval_attention": eval_att, "data": exp.data.summary()}
+    # The same best checkpoint served with another GSU (the exact / PQ switch at inference); PQ
+    # codebooks of a model that never had any are trained on its keys as an eval at that step would.
+    for att in config.eval.get("extra_attentions", ()):
+      if att == "pq" and not float(jnp.abs(codebooks).max()):
+        codebooks = train_codebooks(exp, params, jax.random.fold_in(pq_key, best_step))
+      results.setdefault("test_by_attention", {})[att] = evaluate(exp, params, "test", att,
+                                                                  codebooks if att == "pq" else None)
+    results["seconds"] = dict(self.seconds, train=train_time, final_eval=time.perf_counter() - t,
+                              total=time.perf_counter() - self.t0)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
+    writer.write(meta["final_step"], {f"test/{k}": v for k, v in results["test"].items()})
+    writer.close()
+    return results
 
-  tx = downstream_optimizer(config, total_steps)
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  pq_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  state = init_state(exp, tx, init_key, _example(source), emb_params)
-  latest, best = _manager(os.path.join(workdir, "checkpoints"), 2), _manager(os.path.join(workdir, "best"), 1)
-  meta = {"best_metric": -1.0, "best_step": -1}
-  if latest.latest_step() is not None:
-    restored = _restore(latest, latest.latest_step(), state)
-    state, meta = restored["state"], restored["meta"]
-    logging.info("resumed from step %d", int(state.step))
-  elif train_att == "pq":
-    state = dataclasses.replace(state, codebooks=train_codebooks(exp, state.params, jax.random.fold_in(pq_key, 0)))
-  start_step = int(state.step)
-  writer = MetricsWriter(workdir, tensorboard=config.get("tensorboard", False))
-  writer.truncate_after(start_step)
-  train_step = make_train_step(exp, tx)
-  batches = pipeline.iterate(pipeline.train_batches(source, config.train.batch_size, seed=config.seed, shard_index=0,
-                                                    shard_count=1), start_step=start_step, prefetch=2)
-  step, t_train = start_step, time.perf_counter()
-  while step < total_steps:
-    state, m = train_step(state, next(batches), exp.tables, step_key, exp.negatives)
-    step += 1
-    if step % config.log_every_steps == 0 or step == total_steps:
-      writer.write(step, {f"train/{k}": float(v) for k, v in jax.device_get(m).items()})
-    is_eval = step % eval_every == 0 or step == total_steps
-    if is_eval:
-      if train_att == "pq":  # refresh the codebooks on the keys the embedder now produces
-        state = dataclasses.replace(state, codebooks=train_codebooks(exp, state.params, jax.random.fold_in(pq_key, step)))
-      cb = state.codebooks if eval_att == "pq" else None
-      if eval_att == "pq" and train_att != "pq":
-        cb = train_codebooks(exp, state.params, jax.random.fold_in(pq_key, step))
-      valid = evaluate(exp, state.params, "valid", eval_att, cb,
-                       full_corpus=config.eval.full_corpus_valid or config.select_metric.startswith("full"))
-      writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
-      logging.info("step %d: valid %s %.4f", step, config.select_metric, valid[config.select_metric])
-      if valid[config.select_metric] > meta["best_metric"]:
-        meta.update(best_metric=float(valid[config.select_metric]), best_step=step)
-        if best.latest_step() != step:  # a run killed between this save and the next 'latest' one
-          _save(best, step, {"params": state.params, "codebooks": cb if cb is not None else state.codebooks}, meta)
-    if is_eval or step % config.checkpoint_every_steps == 0 or step == config.get("stop_at_step", -1):
-      _save(latest, step, state, meta)
-    if step == config.get("stop_at_step", -1):
-      latest.wait_until_finished()
-      best.wait_until_finished()
-      writer.close()
-      return None
-  train_time = time.perf_counter() - t_train
-  latest.wait_until_finished()
-  best.wait_until_finished()
-
-  t = time.perf_counter()
-  params, codebooks, best_step = restore_best(workdir, exp)
-  cb = codebooks if eval_att == "pq" else None
-  results = {"valid": evaluate(exp, params, "valid", eval_att, cb, full_corpus=config.eval.full_corpus_valid),
-             "test": evaluate(exp, params, "test", eval_att, cb),
-             "best_step": int(best_step), "final_step": step, "attention": train_att, "eval_attention": eval_att,
-             "data": exp.data.summary()}
-  # The same best checkpoint served with another GSU (the exact / PQ switch at inference); PQ
-  # codebooks of a model that never had any are trained on its keys as an eval at that step would.
-  for att in config.eval.get("extra_attentions", ()):
-    if att == "pq" and not float(jnp.abs(codebooks).max()):
-      codebooks = train_codebooks(exp, params, jax.random.fold_in(pq_key, best_step))
-    results.setdefault("test_by_attention", {})[att] = evaluate(exp, params, "test", att,
-                                                                codebooks if att == "pq" else None)
-  results["seconds"] = {"pretrain": psu_time, "train": train_time, "final_eval": time.perf_counter() - t,
-                        "total": time.perf_counter() - t0}
-  writer.write(step, {f"test/{k}": v for k, v in results["test"].items()})
-  writer.close()
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  return results
+  def format_results(self, results: dict) -> str:
+    from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+    cols = sorted(results["test"])
+    rows = {f"seminar ({split})": [{c: results[split].get(c, float("nan")) for c in cols}] for split in ("valid", "test")}
+    return report.mean_std_table(rows, cols)

@@ -1,0 +1,36 @@
+"""Tasks: the plug-ins of the training loop (`mvhan_jax.train`), one per kind of model.
+
+A task is built from a config and supplies:
+  stages(workdir)          the `train.Stage`s to run in order (a generator: a later stage may use
+                           what an earlier one left in the workdir, e.g. SEMINAR's PSU parameters)
+  finish(workdir, metas)   the results of the run: the best checkpoint on valid and test, and what
+                           the model serves from (the ScaNN index)
+  restore_best(workdir)    (tree, step) of the best checkpoint; evaluate(tree, split) its metrics
+  format_results(results)  the table the CLI prints
+
+``config.task`` names the task; a config without the field is retrieval.
+"""
+
+from __future__ import annotations
+
+TASKS = ("retrieval", "ranking", "seminar")
+
+
+def task_name(config) -> str:
+  name = config.get("task", "retrieval")
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r} is unknown: use one of {TASKS}")
+  return name
+
+
+def build_task(config, **kwargs):
+  """The task object of ``config`` (``kwargs``: e.g. ``data=`` an already loaded dataset)."""
+  name = task_name(config)
+  if name == "ranking":
+    from mvhan_jax.tasks import ranking  # pylint: disable=import-outside-toplevel
+    return ranking.RankingTask(config, **kwargs)
+  if name == "seminar":
+    from mvhan_jax.tasks import seminar  # pylint: disable=import-outside-toplevel
+    return seminar.SeminarTask(config, **kwargs)
+  from mvhan_jax.tasks import retrieval  # pylint: disable=import-outside-toplevel
+  return retrieval.RetrievalTask(config, **kwargs)

@@ -1,0 +1,526 @@
+"""The retrieval task: next-item retrieval with a two-tower-shaped model (two-tower, MIND, ComiRec,
+multi-tower multi-interest, MV-HAN / MV-DNN), trained by `mvhan_jax.train`'s loop.
+
+The task supplies: the experiment (data, protocol, model, negative samplers, MV-HAN's content types),
+the sampled-softmax / in-batch train step, full-corpus evaluation of the user and item vectors
+(per content type with ``config.eval_per_type``), and at the end the ScaNN index (and one per content
+type) with its recall against exact search. Serving (``--mode=recommend``) reads that index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mvhan_jax import evaluation
+from mvhan_jax import losses
+from mvhan_jax import models
+from mvhan_jax import retrieval
+from mvhan_jax import sharding
+from mvhan_jax import sparse
+from mvhan_jax import train as loop
+from mvhan_jax import workdir as wd
+from mvhan_jax.data import pipeline
+from mvhan_jax.data import protocol
+from mvhan_jax.data import registry
+from mvhan_jax.data.types import InteractionData
+from mvhan_jax.metrics_writer import MetricsWriter
+from mvhan_jax.train import TrainState, example_batch, make_optimizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment: data, protocol, model (shared by the train, eval, index and recommend modes)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  data: InteractionData
+  split: Any                      # protocol.LeaveOneOutSplit or protocol.ComiRecSplit
+  train_source: Any               # random-access source of training examples
+  eval_sets: dict[str, Any]       # 'valid' / 'test' -> protocol.EvalSet
+  model: Any
+  tables: dict[str, dict[str, jax.Array]]
+  sampler: losses.Sampler
+  # Content types (MV-HAN; None for an untyped dataset): item_type int32 [I] in 1..T, their names.
+  item_type: np.ndarray | None = None
+  type_names: tuple[str, ...] | None = None
+  # Single-type training (config.type_schedule non-empty): examples grouped by their target's type,
+  # and one negative sampler per type (config.loss.negatives_per_type).
+  examples_by_type: dict[int, Any] | None = None
+  type_samplers: dict[int, losses.Sampler] | None = None
+  evaluators: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def build_experiment(config) -> Experiment:
+  data = registry.load_dataset(config)
+  maxlen = config.maxlen
+  if config.protocol == "leave_one_out":
+    split = protocol.leave_one_out(data)
+    sequences = split.train_sequences
+  elif config.protocol == "comirec":
+    split = protocol.comirec_split(data, seed=config.seed, maxlen=maxlen)
+    sequences = split.train_sequences
+  else:
+    raise ValueError(f"config.protocol={config.protocol!r} is unknown: use 'leave_one_out' or 'comirec'")
+  train_source = registry.train_source(config, data, split)
+  eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
+  counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
+  sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
+  model = models.build_model(config.model, data)
+  tables = {
+      "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
+      "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
+  }
+  exp = Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
+  _setup_content_types(exp, counts)
+  return exp
+
+
+def _setup_content_types(exp: Experiment, counts: np.ndarray) -> None:
+  """MV-HAN's multi-type training: single-type batches on a schedule, negatives of the target's type.
+
+  ``config.type_schedule``: the content types of the steps of one cycle, e.g. (1, 2, 1, 3) = source,
+  target, source, target (empty: ordinary batches over all examples). ``config.loss.negatives_per_type``:
+  draw a batch's negatives among the items of its type only (needs a schedule, since a batch must
+  have one type). ``config.eval_per_type``: evaluate with `multitype.TypedEvaluator` (per-type metrics,
+  ranking restricted to the target's type, AUC) besides the pooled ones.
+  """
+  from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+  config, data = exp.config, exp.data
+  schedule = tuple(config.get("type_schedule", ()) or ())
+  per_type_neg = bool(config.loss.get("negatives_per_type", False))
+  per_type_eval = bool(config.get("eval_per_type", False))
+  if not (schedule or per_type_neg or per_type_eval):
+    return
+  if "type" not in data.item_features:
+    raise ValueError(f"config.type_schedule / loss.negatives_per_type / eval_per_type need content types, "
+                     f"but dataset {data.name!r} has no item feature 'type': set "
+                     "config.dataset.content_types='genre_family' (MovieLens) or use the synthetic world")
+  if per_type_neg and not schedule:
+    raise ValueError("config.loss.negatives_per_type=True needs single-type batches: set "
+                     "config.type_schedule, e.g. (1, 2, 1, 3)")
+  exp.item_type = np.asarray(data.item_features["type"], np.int32)
+  exp.type_names = registry.content_type_names(config, data)
+  if schedule:
+    examples = getattr(exp.train_source, "arrays", None)
+    if examples is None:
+      raise ValueError("config.type_schedule needs an in-memory training source (pipeline.ArraySource)")
+    exp.examples_by_type = multitype.split_examples_by_type(examples, exp.item_type)
+  if per_type_neg:
+    exp.type_samplers = multitype.type_samplers(counts, exp.item_type, config.loss.sampler,
+                                                config.loss.get("alpha", 0.75))
+
+
+def train_dataset(exp: Experiment, batch_size: int, seed: int, shard_index: int | None = None,
+                  shard_count: int | None = None):
+  """The random-access training batches: ``ds[i]`` is the batch of step ``i`` (a pure function of
+  (seed, i)). Single-type batches carry ``content_type`` int32 [B] (all equal)."""
+  if exp.examples_by_type is not None:
+    from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+    return multitype.typed_train_batches(exp.examples_by_type, batch_size, seed,
+                                         tuple(exp.config.type_schedule), shard_index=shard_index,
+                                         shard_count=shard_count, type_key="content_type")
+  return pipeline.train_batches(exp.train_source, batch_size, seed=seed, shard_index=shard_index,
+                                shard_count=shard_count)
+
+
+def num_train_examples(exp: Experiment) -> int:
+  """Examples per epoch: those of the scheduled types under single-type training, else all."""
+  if exp.examples_by_type is not None:
+    return sum(len(exp.examples_by_type[t]) for t in set(exp.config.type_schedule))
+  return len(exp.train_source)
+
+
+def _params_init_fn(exp: Experiment) -> Callable:
+  def _init(rng, batch):
+    return exp.model.init({"params": rng, "routing": rng, "dropout": rng}, batch, exp.tables)
+  return _init
+
+
+def init_state(exp: Experiment, tx, rng, mesh=None) -> TrainState:
+  """`mvhan_jax.train.init_state` for this experiment's model (default mesh: ``config.mesh``)."""
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  return loop.init_state(_params_init_fn(exp), (rng, example_batch(exp.train_source, 2)), tx, mesh,
+                         sharding.mesh_config(exp.config))
+
+
+def abstract_state(exp: Experiment, tx, mesh=None) -> TrainState:
+  """`init_state`'s shapes, dtypes and shardings without computing it (a checkpoint restore target)."""
+  mesh = mesh or sharding.mesh_from_config(exp.config)
+  return loop.abstract_state(_params_init_fn(exp), (jax.random.key(0), example_batch(exp.train_source, 2)), tx,
+                             mesh, sharding.mesh_config(exp.config))
+
+
+# --------------------------------------------------------------------------------------------------
+# Update step
+# --------------------------------------------------------------------------------------------------
+def make_train_step(exp: Experiment, tx) -> Callable:
+  model, cfg = exp.model, exp.config.loss
+  num_neg = cfg.num_negatives
+  if exp.type_samplers is not None:
+    # One proposal per content type, stacked [T, I]; a batch (one type) picks its row.
+    types = sorted(exp.type_samplers)
+    cdfs = jnp.asarray(np.stack([exp.type_samplers[t].cdf for t in types]))
+    log_qs = jnp.asarray(np.stack([exp.type_samplers[t].log_probs for t in types])) + jnp.log(float(max(num_neg, 1)))
+  else:
+    cdfs = jnp.asarray(exp.sampler.cdf)[None]
+    log_qs = (jnp.asarray(exp.sampler.log_probs) + jnp.log(float(max(num_neg, 1))))[None]
+
+  multi = getattr(model, "multi_interest", False)
+  learned_temperature = getattr(model, "learn_temperature", False)
+  # Multi-interest models may train with their serving score (train = serve, models/multitower.py)
+  # and add a regulariser on the interests (aux_loss, e.g. the repel term).
+  train_equals_serve = multi and hasattr(model, "score_candidates") and getattr(model, "train_equals_serve", False)
+  has_aux_loss = multi and hasattr(model, "aux_loss")
+
+  # Mixed precision (config.compute_dtype, default float32): the float parameters and feature tables
+  # are cast for the forward pass (gradients reach the float32 master copy through the cast); the
+  # user/item vectors are cast back to float32 before scores, softmax and losses.
+  compute_dtype = jnp.dtype(exp.config.get("compute_dtype", "float32"))
+  if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"config.compute_dtype={exp.config.compute_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+  low_precision = compute_dtype != jnp.dtype(jnp.float32)
+
+  def cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def loss_fn(params, batch, tables, rng):
+    if low_precision:
+      return _loss_fn(cast(params, compute_dtype), batch, cast(tables, compute_dtype), rng)
+    return _loss_fn(params, batch, tables, rng)
+
+  def _loss_fn(params, batch, tables, rng):
+    rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
+    rngs = {"dropout": rng_drop, "routing": rng_route}
+    pos_ids = batch["target"]
+    b = pos_ids.shape[0]
+    row = batch["content_type"][0] - 1 if exp.type_samplers is not None else 0
+    cdf, log_q = cdfs[row], log_qs[row]
+    temperature = model.apply(params, method=model.temperature) if learned_temperature else cfg.temperature
+    if cfg.kind == "sampled_softmax":
+      neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
+      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
+      items = items.astype(jnp.float32)
+      pos, neg = items[:b], items[b:]
+    elif cfg.kind == "in_batch":
+      pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
+    else:
+      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+    users = cast(model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs), jnp.float32)
+    serve_scores = None
+    if multi:
+      interests, mask = users
+      if train_equals_serve and cfg.kind == "sampled_softmax":
+        # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
+        scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
+        serve_scores = (jnp.diagonal(scores[:, :b]), scores[:, b:])
+      else:
+        # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
+        users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
+    if serve_scores is not None:
+      loss, logits = losses.sampled_softmax_loss_from_scores(
+          *serve_scores, pos_ids, neg_ids,
+          pos_log_q=log_q[pos_ids] if cfg.logq else None,
+          neg_log_q=log_q[neg_ids] if cfg.logq else None,
+          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+      correct = jnp.argmax(logits, axis=1) == 0
+    elif cfg.kind == "sampled_softmax":
+      loss, logits = losses.sampled_softmax_loss(
+          users, pos, neg, pos_ids, neg_ids,
+          pos_log_q=log_q[pos_ids] if cfg.logq else None,
+          neg_log_q=log_q[neg_ids] if cfg.logq else None,
+          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+      correct = jnp.argmax(logits, axis=1) == 0
+    else:
+      loss, logits = losses.in_batch_softmax_loss(
+          users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=temperature)
+      correct = jnp.argmax(logits, axis=1) == jnp.arange(b)
+    # Fraction of rows whose positive outscores every negative: a cheap, loss-independent signal.
+    aux = {"loss": loss.mean(), "batch_acc": jnp.mean(correct)}
+    if learned_temperature:
+      aux["temperature"] = temperature
+    if has_aux_loss:
+      aux["aux_loss"] = model.apply(params, interests, mask, method=model.aux_loss, rngs=rngs)
+      return loss.mean() + aux["aux_loss"], aux
+    return loss.mean(), aux
+
+  if isinstance(tx, sparse.SparseTableAdamW):
+    return _sparse_train_step(tx, loss_fn)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch, tables, key):
+    rng = jax.random.fold_in(key, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tables, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _sparse_train_step(tx: sparse.SparseTableAdamW, loss_fn: Callable) -> Callable:
+  """The train step with lazy row updates of the large tables (mvhan_jax/sparse.py): the loss is
+  differentiated w.r.t. the other parameters and the looked-up rows, never w.r.t. a whole table."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch, tables, key):
+    rng = jax.random.fold_in(key, state.step)
+    paths = tx.paths(state.params)  # static: decided by parameter shapes at trace time
+    metrics, dense_grads, rows = sparse.grads_by_rows(loss_fn, state.params, paths, batch, tables, rng)
+    params, opt_state, norm = tx.update(state.step, dense_grads, rows, state.opt_state, state.params)
+    metrics["grad_norm"] = norm
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding users and items for evaluation and serving
+# --------------------------------------------------------------------------------------------------
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+# Routing-style models draw random initial logits; evaluation and serving use one fixed key so that
+# a user's vectors are a deterministic function of the parameters.
+_EVAL_RNGS = {"routing": 0, "dropout": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_encoders(model):
+  def users(p, b, t):
+    rngs = {k: jax.random.key(v) for k, v in _EVAL_RNGS.items()}
+    out = model.apply(p, b, t, False, method=model.encode_users, rngs=rngs)
+    return out if isinstance(out, tuple) else (out, jnp.ones(out.shape[:1], bool))
+
+  items = jax.jit(lambda p, ids, t: model.apply(p, ids, t, False, method=model.encode_items))
+  return jax.jit(users), items
+
+
+def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
+  """All item vectors [I, D]; the last chunk is padded so every call has the same shape."""
+  _, enc = _jitted_encoders(exp.model)
+  params = sharding.host_local(params)
+  n = exp.data.num_items
+  size = min(chunk, n)
+  out = []
+  for s, e in _chunks(n, size):
+    ids = np.arange(s, s + size) % n
+    out.append(np.asarray(enc(params, jnp.asarray(ids, jnp.int32), exp.tables))[: e - s])
+  return np.concatenate(out)
+
+
+def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
+  """User vectors for the rows of an EvalSet (all rows, or the int array ``rows``).
+
+  Returns (vectors, mask): [Q, D] and None for single-vector models; [Q, K, D] and the live-interest
+  mask [Q, K] for multi-interest models.
+  """
+  enc, _ = _jitted_encoders(exp.model)
+  params = sharding.host_local(params)
+  rows = np.arange(len(eval_set.user)) if rows is None else np.asarray(rows)
+  q = len(rows)
+  size = min(chunk, q)
+  vecs, masks = [], []
+  for s, e in _chunks(q, size):
+    idx = rows[np.arange(s, s + size) % q]
+    batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
+    v, m = enc(params, batch, exp.tables)
+    vecs.append(np.asarray(v)[: e - s])
+    masks.append(np.asarray(m)[: e - s])
+  vecs = np.concatenate(vecs)
+  return (vecs, np.concatenate(masks)) if vecs.ndim == 3 else (vecs, None)
+
+
+def _evaluator(exp: Experiment, split: str):
+  if split not in exp.evaluators:
+    if exp.config.get("eval_per_type", False):
+      from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
+      ties = "pessimistic" if getattr(exp.model, "multi_interest", False) else "half"
+      exp.evaluators[split] = multitype.TypedEvaluator(exp.eval_sets[split], exp.item_type,
+                                                       type_names=exp.type_names, auc_ties=ties)
+    else:
+      exp.evaluators[split] = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
+  return exp.evaluators[split]
+
+
+def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
+  """Metrics of ``split`` ('valid' / 'test'). With ``config.eval_per_type``, also per content type
+  ('{type}/HR@50', '{type}/AUC', ... restricted to the type) and 'targets/<metric>', the mean over
+  the target types 2..T (the paper's sparse types) of each per-type metric."""
+  users, mask = encode_users(exp, params, exp.eval_sets[split])
+  out = _evaluator(exp, split).evaluate(users, encode_items(exp, params), user_mask=mask)
+  if exp.config.get("eval_per_type", False) and len(exp.type_names) > 1:
+    for metric in ("HR@10", "NDCG@10", "HR@50", "AUC"):
+      vals = [out.get(f"{name}/{metric}", np.nan) for name in exp.type_names[1:]]
+      out[f"targets/{metric}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+  return out
+
+
+def restore_params(workdir, exp: Experiment, which: str = "best") -> tuple[Any, int]:
+  """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
+  tx = make_optimizer(exp.config.optimizer, 1)
+  template = abstract_state(exp, tx)
+  if which == "best":
+    return loop.restore_best(workdir, template.params)
+  mngr = loop.checkpoint_manager(wd.path(workdir) / "checkpoints", 1)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run --mode=train with this --workdir first")
+  return loop.restore_checkpoint(mngr, step, template)[0].params, step
+
+
+def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> dict[str, Any]:
+  """Indexes the item vectors, saves the index with its step, and measures ANN recall@10 vs exact."""
+  items = encode_items(exp, params)
+  cfg = retrieval.IndexConfig.for_size(items.shape[0], **{k: v for k, v in exp.config.index.items() if k != "build"})
+  t0 = time.perf_counter()
+  index = retrieval.build_index(items, cfg)
+  build_s = time.perf_counter() - t0
+  path = wd.path(workdir) / "index"
+  index.save(str(path), step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
+  test = exp.eval_sets["test"]
+  users, mask = encode_users(exp, params, test)
+  out = {"backend": type(index).__name__, "path": "index", "build_seconds": build_s}
+  for k in (10, 50):
+    k = min(k, items.shape[0])
+    ann_ids, _ = index.search(users, k, query_mask=mask)
+    _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
+    out[f"ann_recall@{k}"] = float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))
+  if exp.item_type is not None:
+    out["types"] = build_and_save_type_indexes(exp, items, users, mask, step, path)
+  return out
+
+
+def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, path: str) -> dict[str, Any]:
+  """MV-HAN's per-type serving: one index per content type under ``<index>/types/<name>`` (global
+  item ids), and each one's ANN recall@10 against the exact top-10 among that type's items."""
+  out = {}
+  for t, name in enumerate(exp.type_names, start=1):
+    members = np.flatnonzero(exp.item_type == t)
+    if not len(members):
+      continue
+    cfg = retrieval.IndexConfig.for_size(len(members), **{k: v for k, v in exp.config.index.items() if k != "build"})
+    index = retrieval.SubsetIndex.build(items, members, cfg)
+    index.save(str(path / "types" / name), step=step,
+               metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name, "type": name})
+    k = min(10, len(members))
+    ann_ids, _ = index.search(users, k, query_mask=mask)
+    _, exact_local = evaluation.exact_topk(users, items[members], k, query_mask=mask)
+    out[name] = {"items": int(len(members)),
+                 "ann_recall@10": float(retrieval.ann_recall(ann_ids, members[np.asarray(exact_local)]))}
+  return out
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The task: its stage for the loop, the end of the run, and the CLI's modes
+# --------------------------------------------------------------------------------------------------
+class RetrievalTask:
+  """Plug-in of `mvhan_jax.train` for the retrieval models (config.task = 'retrieval')."""
+
+  name = "retrieval"
+
+  def __init__(self, config):
+    self.config = config
+    self.exp = build_experiment(config)
+
+  def stages(self, workdir):
+    del workdir
+    config, exp = self.config, self.exp
+    n = num_train_examples(exp)
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+      raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} training examples: lower it")
+    total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
+    tx = make_optimizer(config.optimizer, total_steps)
+    yield loop.Stage(
+        name="", config=config, total_steps=total_steps, batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch, source=exp.train_source,
+        dataset=lambda shard, count: train_dataset(exp, config.batch_size, config.seed, shard, count),
+        tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp.train_source, 2),),
+        train_step=make_train_step(exp, tx), consts=exp.tables, key=jax.random.key(config.seed),
+        evaluate=lambda params, split: evaluate(exp, params, split),
+        eval_every=config.eval_every_steps, select_metric=config.select_metric,
+        patience=config.early_stopping_patience, log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", True),
+        progress=config.get("progress", True),
+        shown_metric=lambda k: "/" not in k or k.startswith("targets/"))
+
+  def restore_best(self, workdir):
+    return restore_params(workdir, self.exp, "best")
+
+  def evaluate(self, tree, split: str) -> dict[str, float]:
+    return evaluate(self.exp, tree, split)
+
+  def finish(self, workdir, metas) -> dict[str, Any]:
+    """Final evaluation of the best-by-validation parameters, and the serving index."""
+    meta = metas[""]
+    params, best_step = self.restore_best(workdir)
+    params = sharding.host_local(params)
+    results = {"valid": self.evaluate(params, "valid"), "test": self.evaluate(params, "test"),
+               "best_step": best_step, "final_step": meta["final_step"],
+               "stopped_early": bool(meta["stopped_early"]),
+               "train_examples_per_sec": meta["train_examples_per_sec"]}
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main, tensorboard=self.config.get("tensorboard", True))
+    writer.write(meta["final_step"], {f"test/{k}": v for k, v in results["test"].items()})
+    writer.close()
+    if self.config.index.build and is_main:
+      results["index"] = build_and_save_index(self.exp, params, best_step, workdir)
+    return results
+
+  def format_results(self, results: dict) -> str:
+    return format_table(results, self.config.model.name)
+
+
+def format_table(results: dict, model_name: str) -> str:
+  """The run's table: one row per split (validation, test), the metric names as columns; with
+  content types, a second table of the per-type metrics (ranking restricted to the type)."""
+  from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+  rows = {f"{model_name} ({split})": [results[split]] for split in ("valid", "test")}
+  test = results["test"]
+  table = report.mean_std_table(rows, [k for k in test if "/" not in k])
+  types = [k[: -len("/queries")] for k in test if k.endswith("/queries")]
+  if types:
+    table += "\n\nPer content type (test users whose held-out item has the type, ranked within it):\n\n"
+    table += report.mean_std_table({t: [{m: test[f"{t}/{m}"] for m in ("queries", "HR@10", "HR@50", "AUC")}]
+                                    for t in types}, ["queries", "HR@10", "HR@50", "AUC"])
+  return table
+
+
+def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, float]]:
+  """Top-N unseen items for ``user`` from the ANN index, with its whole history as the query."""
+  test = exp.eval_sets["test"]
+  rows = np.flatnonzero(test.user == user)
+  if not len(rows):
+    raise ValueError(f"--user={user} is not an evaluated user: use 0..{exp.data.num_users - 1} with >= 3 interactions")
+  row = int(rows[0])
+  seen = set(test.exclude_indices[test.exclude_indptr[row]:test.exclude_indptr[row + 1]].tolist())
+  vec, mask = encode_users(exp, params, test, rows=[row])
+  ids, scores = index.search(vec, min(top_n + len(seen), index.num_items), query_mask=mask)
+  out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in seen]
+  return out[:top_n]
+
+
+def print_recommendations(exp, index, params, users, top_n) -> None:
+  titles = exp.data.item_titles or tuple(f"item {i}" for i in range(exp.data.num_items))
+  test = exp.eval_sets["test"]
+  for user in users:
+    row = int(np.flatnonzero(test.user == user)[0])
+    hist = test.history[row, : test.history_len[row]][-3:]
+    target = int(test.targets[row, 0])
+    print(f"\nUser {user}: recently watched " + "; ".join(titles[i] for i in hist))
+    for rank, (item, score) in enumerate(recommend(exp, index, params, user, top_n), 1):
+      mark = "  <- held-out test item" if item == target else ""
+      print(f"  {rank:2d}. {titles[item]}  ({score:.3f}){mark}")
