@@ -44,6 +44,12 @@ def is_local(p: PathLike) -> bool:
   return "://" not in os.fspath(p)
 
 
+def absolute(p: PathLike) -> epath.Path:
+  """``p`` made absolute when local (what orbax wants), unchanged when a URI: os.path.abspath and
+  epath's resolve() would turn ``gs://b/x`` into ``<cwd>/gs:/b/x``."""
+  return path(os.path.abspath(p) if is_local(p) else p)
+
+
 def exists(p: PathLike) -> bool:
   return path(p).exists()
 

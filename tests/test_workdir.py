@@ -47,6 +47,12 @@ def test_files_land_in_the_bucket_not_in_a_local_gs_folder(fake_gcs, tmp_path):
   assert os.listdir(tmp_path) == []  # the cwd: no 'gs:' folder (conftest checks it too)
 
 
+def test_absolute_keeps_uris(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(workdir.absolute("run/ckpt")) == os.path.join(os.getcwd(), "run", "ckpt")
+  assert os.fspath(workdir.absolute(f"{BUCKET_RUN}/best")) == f"{BUCKET_RUN}/best"
+
+
 def test_an_unknown_scheme_is_an_error_not_a_local_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match="memory://"):
