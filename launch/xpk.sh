@@ -47,7 +47,7 @@ run() {
 if [[ "$DEVICE_TYPE" == v[0-9]* ]]; then
   PIP_ARGS="-e '.[tpu]'"; SCALE=(--num-slices="$NUM_SLICES")
 else
-  PIP_ARGS="-e '.[gpu]' 'jax[k8s]'"; SCALE=(--num-nodes="$NUM_NODES")
+  PIP_ARGS="-e '.[gpu,gcs]' 'jax[k8s]'"; SCALE=(--num-nodes="$NUM_NODES")
 fi
 SCOPE=()
 if [[ -n "$PROJECT" ]]; then SCOPE+=(--project="$PROJECT"); fi

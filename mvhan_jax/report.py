@@ -98,7 +98,7 @@ def read_curves(rows_or_workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   ``rows_or_workdir``: a workdir (its ``metrics.jsonl``) or the parsed rows ``{"step": s, name: v}``.
   A train row and an eval row may share a step; a name written twice at one step keeps the last value.
   """
-  if isinstance(rows_or_workdir, str):
+  if isinstance(rows_or_workdir, (str, os.PathLike)):
     from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
     rows = read_metrics(rows_or_workdir)
   else:
@@ -204,17 +204,15 @@ def load_workdir(workdir: str, config=None, data_dir: str | None = None):
   The config is read from ``<workdir>/config.json`` unless given; ``data_dir`` points the dataset
   cache elsewhere (e.g. a workdir trained on another machine). Parameters: the best checkpoint.
   """
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   if config is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = workdir_lib.path(workdir) / "config.json"
+    if not path.exists():
       raise FileNotFoundError(f"{path} not found: pass a workdir written by mvhan-train --mode=train "
                               "(or the run's config as config=)")
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(workdir_lib.read_json(path))
   if data_dir is not None:
     with config.unlocked():
       config.dataset.data_dir = data_dir
@@ -253,21 +251,19 @@ def collect_run(workdir: str, name: str | None = None, *, loaded=None, evaluate:
   over leaves_to_search (skipped without an index). max_points: users and items drawn (seeded) on the
   2-D map.
   """
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from mvhan_jax import evaluation  # pylint: disable=import-outside-toplevel
   from mvhan_jax import retrieval  # pylint: disable=import-outside-toplevel
   from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   config, exp, params, step = loaded if loaded is not None else load_workdir(workdir, data_dir=data_dir)
-  name = name or f"{config.model.name}: {os.path.basename(os.path.normpath(workdir))}"
-  results_path = os.path.join(workdir, "results.json")
+  name = name or f"{config.model.name}: {os.path.basename(os.path.normpath(os.fspath(workdir)))}"
+  results_path = workdir_lib.path(workdir) / "results.json"
   if evaluate is None:
-    evaluate = not os.path.exists(results_path)
+    evaluate = not results_path.exists()
   if evaluate:
     results = {split: rtask.evaluate(exp, params, split) for split in ("valid", "test")}
   else:
-    with open(results_path) as f:
-      saved = json.load(f)
+    saved = workdir_lib.read_json(results_path)
     results = {split: saved[split] for split in ("valid", "test")}
   run = RunData(name=name, workdir=workdir, results=results, best_step=int(step), curves=read_curves(workdir),
                 type_names=tuple(exp.type_names) if exp.type_names else None)
@@ -287,8 +283,8 @@ def collect_run(workdir: str, name: str | None = None, *, loaded=None, evaluate:
     run.user_label = "user interests (test)"
   if exp.item_type is not None:
     run.item_type = np.asarray(exp.item_type)[i_rows]
-  index_dir = os.path.join(workdir, "index")
-  if (ann or leaves) and os.path.exists(os.path.join(index_dir, "index.json")):
+  index_dir = workdir_lib.path(workdir) / "index"
+  if (ann or leaves) and (index_dir / "index.json").exists():
     index = retrieval.load_index(index_dir)
     if ann:
       run.ann = ann_recall_curve(index, users, items, user_mask=mask)
@@ -467,15 +463,16 @@ def save_figures(workdir: str, runs: Sequence[RunData] | None = None, out_dir: s
 
   runs: the runs to draw (default: ``collect_run(workdir, **collect_kwargs)`` alone).
   """
-  import os  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   runs = list(runs) if runs is not None else [collect_run(workdir, **collect_kwargs)]
-  out_dir = out_dir or os.path.join(workdir, "plots")
-  os.makedirs(out_dir, exist_ok=True)
+  out = workdir_lib.makedirs(out_dir or workdir_lib.path(workdir) / "plots")
   paths = []
   for name, fig in make_figures(runs).items():
-    path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=dpi)
-    paths.append(path)
+    path = out / f"{name}.png"
+    # A file object, not a path: savefig would open() a gs:// path as a local one.
+    with path.open("wb") as f:
+      fig.savefig(f, format="png", dpi=dpi)
+    paths.append(os.fspath(path))
   return paths
 
 
@@ -506,17 +503,15 @@ def save_training_figures(workdir: str, compare: Sequence[str] = (), dpi: int = 
   """The figures of a ranking or SEMINAR workdir (and ``compare`` workdirs) into <workdir>/plots:
   training curves (loss, the validation metrics the run logged) and, for ranking, test AUC per
   scenario. Reads metrics.jsonl and results.json only."""
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   runs = {}
   results = {}
   for w in [workdir, *compare]:
-    name = os.path.basename(os.path.normpath(w))
-    runs[name] = read_curves(w)
-    path = os.path.join(w, "results.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        results[name] = json.load(f)
+    name = os.path.basename(os.path.normpath(os.fspath(w)))
+    runs[name] = read_curves(workdir_lib.path(w))
+    path = workdir_lib.path(w) / "results.json"
+    if path.exists():
+      results[name] = workdir_lib.read_json(path)
   metrics = [m for m in ("train/loss", "psu/loss", "valid/mean/AUC/all", "valid/ctr/AUC/all", "valid/ctcvr/AUC/all",
                          "valid/sampled/NDCG@10", "valid/full/NDCG@10", "valid/full/HR@10")
              if any(m in c for c in runs.values())]
@@ -524,11 +519,11 @@ def save_training_figures(workdir: str, compare: Sequence[str] = (), dpi: int = 
   scenarios = next((r["scenarios"] for r in results.values() if "scenarios" in r), None)
   if scenarios:
     figs["per_scenario"] = plot_per_scenario({n: r["test"] for n, r in results.items() if "scenarios" in r}, scenarios)
-  out_dir = os.path.join(workdir, "plots")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = workdir_lib.makedirs(workdir_lib.path(workdir) / "plots")
   paths = []
   for name, fig in figs.items():
-    path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=dpi)
-    paths.append(path)
+    path = out_dir / f"{name}.png"
+    with path.open("wb") as f:
+      fig.savefig(f, dpi=dpi, format="png")
+    paths.append(os.fspath(path))
   return paths

@@ -14,12 +14,13 @@ and cut to k (`merge_interests`).
 An index directory holds the backend's files plus ``index.json`` (backend,
 step, config, num_items, dim, user metadata); ``index.json`` is written last,
 so its presence marks a complete save. `load_index` reads it to pick the class.
+The directory may be remote (``gs://...``): every file goes through `mvhan_jax.workdir`, and ScaNN,
+which serializes to and loads from a local folder only, is staged through a temporary one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mvhan_jax import evaluation
+from mvhan_jax import workdir
 
 _META_FILE = "index.json"
 _EXACT_FILE = "items.npz"
@@ -220,21 +222,16 @@ def _check_item_vectors(item_vectors) -> np.ndarray:
 
 
 def _write_meta(directory: str, meta: Mapping[str, Any]) -> None:
-  # Write-then-rename so a crash never leaves a half-written index.json, which
-  # is the marker of a complete save.
-  tmp = os.path.join(directory, _META_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, _META_FILE))
+  # workdir.write_json never leaves a half-written index.json, the marker of a complete save.
+  workdir.write_json(workdir.path(directory) / _META_FILE, meta, indent=2, sort_keys=True)
 
 
 def _read_meta(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, _META_FILE)
-  if not os.path.isfile(path):
+  path = workdir.path(directory) / _META_FILE
+  if not path.is_file():
     raise FileNotFoundError(
         f"{path} not found: {directory!r} is not a saved index (or its save did not finish)")
-  with open(path) as f:
-    return json.load(f)
+  return workdir.read_json(path)
 
 
 class _Index:
@@ -278,10 +275,9 @@ class _Index:
       step: training step the item vectors come from (for serving rollouts).
       metadata: JSON-serialisable extras (model name, data version, ...).
     """
-    os.makedirs(directory, exist_ok=True)
-    stale = os.path.join(directory, _META_FILE)
-    if os.path.exists(stale):
-      os.remove(stale)  # an interrupted overwrite must not look complete
+    stale = workdir.makedirs(directory) / _META_FILE
+    if stale.exists():
+      stale.unlink()  # an interrupted overwrite must not look complete
     self._save_files(directory)
     self.step = int(step)
     self.metadata = dict(metadata or {})
@@ -324,15 +320,16 @@ class ExactIndex(_Index):
     return ids, scores
 
   def _save_files(self, directory: str) -> None:
-    np.savez(os.path.join(directory, _EXACT_FILE), item_vectors=self.item_vectors)
+    with (workdir.path(directory) / _EXACT_FILE).open("wb") as f:
+      np.savez(f, item_vectors=self.item_vectors)
 
   @classmethod
   def load(cls, directory: str) -> "ExactIndex":
     meta = _read_meta(directory)
     if meta["backend"] != cls.backend:
       raise ValueError(f"{directory!r} holds a {meta['backend']!r} index: use load_index()")
-    with np.load(os.path.join(directory, _EXACT_FILE)) as f:
-      items = f["item_vectors"]
+    with (workdir.path(directory) / _EXACT_FILE).open("rb") as f, np.load(f) as npz:
+      items = npz["item_vectors"]
     return cls(items, IndexConfig(**meta["config"]), step=meta["step"],
                metadata=meta["metadata"])
 
@@ -418,8 +415,10 @@ class ScannIndex(_Index):
     return merge_interests(ids, scores, mask, k)
 
   def _save_files(self, directory: str) -> None:
-    # relative_path=True keeps the directory relocatable (copy it to servers).
-    self.searcher.serialize(directory, relative_path=True)
+    # relative_path=True keeps the directory relocatable (copy it to servers, or from the staging
+    # folder of a remote directory).
+    with workdir.local_dir_to_write(directory) as local:
+      self.searcher.serialize(local, relative_path=True)
 
   @classmethod
   def load(cls, directory: str) -> "ScannIndex":
@@ -431,7 +430,9 @@ class ScannIndex(_Index):
       raise ImportError(
           f"{directory!r} is a ScaNN index but scann is not importable here (Linux x86_64 "
           "wheels only): load it on a supported machine or rebuild with backend='exact'")
-    searcher = scann.scann_ops_pybind.load_searcher(directory)
+    # The searcher holds its data in memory once loaded, so a remote directory's staging copy can go.
+    with workdir.local_dir_to_read(directory) as local:
+      searcher = scann.scann_ops_pybind.load_searcher(local)
     return cls(searcher, IndexConfig(**meta["config"]), meta["num_items"], meta["dim"],
                step=meta["step"], metadata=meta["metadata"])
 
@@ -458,7 +459,7 @@ def build_index(item_vectors, config: IndexConfig | None = None) -> _Index:
 
 def load_index(directory: str):
   """Loads an index saved by `.save` (or a `SubsetIndex`), choosing the class from its index.json."""
-  if os.path.isfile(os.path.join(directory, SubsetIndex.IDS_FILE)):
+  if (workdir.path(directory) / SubsetIndex.IDS_FILE).is_file():
     return SubsetIndex.load(directory)
   backend = _read_meta(directory).get("backend")
   if backend not in _BACKENDS:
@@ -507,14 +508,16 @@ class SubsetIndex:
 
   def save(self, directory: str, step: int, metadata: Mapping[str, Any] | None = None) -> str:
     # The id map first: index.json, written last by the inner save, marks the whole save complete.
-    os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, self.IDS_FILE), self.item_ids)
+    with (workdir.makedirs(directory) / self.IDS_FILE).open("wb") as f:
+      np.save(f, self.item_ids)
     return self.inner.save(directory, step, metadata)
 
   @classmethod
   def load(cls, directory: str) -> "SubsetIndex":
     backend = _read_meta(directory).get("backend")
-    return cls(_BACKENDS[backend].load(directory), np.load(os.path.join(directory, cls.IDS_FILE)))
+    with (workdir.path(directory) / cls.IDS_FILE).open("rb") as f:
+      item_ids = np.load(f)
+    return cls(_BACKENDS[backend].load(directory), item_ids)
 
 
 # ---------------------------------------------------------------------------

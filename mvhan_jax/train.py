@@ -127,7 +127,7 @@ def checkpoint_manager(path, max_to_keep: int) -> ocp.CheckpointManager:
   # the same step at an evaluation, and orbax's barriers are otherwise named by the step alone
   # ("Barrier _async_commit_complete.<step> is already ongoing").
   return ocp.CheckpointManager(
-      path.absolute() if not wd.is_remote(path) else path,
+      wd.absolute(path),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True,
           multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=path.name)),

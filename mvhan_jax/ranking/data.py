@@ -45,7 +45,6 @@ scenario could reach at best, so the gap to 'true' is what scenario-specific mod
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Mapping
 
 import numpy as np
@@ -312,7 +311,8 @@ def load_ranking_data(config) -> RankingData:
     if negatives == "retrieval":
       from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
       from mvhan_jax.ranking import rerank  # pylint: disable=import-outside-toplevel
-      if not os.path.isdir(os.path.join(d.retrieval_workdir, "best")):
+      from mvhan_jax import workdir  # pylint: disable=import-outside-toplevel
+      if not (workdir.path(d.retrieval_workdir) / "best").is_dir():
         raise FileNotFoundError(
             f"config.dataset.retrieval_workdir={d.retrieval_workdir!r} holds no trained retrieval model: train "
             f"it first (mvhan-train --config={d.retrieval_config} --workdir={d.retrieval_workdir})")
