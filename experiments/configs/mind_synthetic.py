@@ -7,22 +7,18 @@ Launch:
 Arguments: as experiments/configs/mind_ml100k.py (model=, K=, power=, axis=, smoke), plus model=two_tower.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module, load_config
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from mvhan_jax import configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mind = config_module(os.path.join(_HERE, "mind_ml100k.py"))
-  args = mind.parse_args(arg)
+  mind = configs.sibling(__file__, "mind_ml100k")
+  args = configs.parse_args(arg, mind.ARGS, __file__)
   if args.get("model") == "two_tower":
-    c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if "smoke" in args else ""))
+    c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if "smoke" in args else None)
   else:
-    c = mind.get_config(arg)
+    c = mind.get_config(configs.format_args(args))
   c.loss.sampler = "log_uniform"  # every row of the synthetic tables uses the same sampler
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
