@@ -12,20 +12,16 @@ the best-by-validation checkpoint are reported per scenario and task, mean ± st
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax.ranking import data as ranking_data  # noqa: E402
-from mvhan_jax.ranking import train as ranking_train  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax.ranking import data as ranking_data
+from mvhan_jax.ranking import train as ranking_train
 
 flags.DEFINE_list("datasets", ["synthetic", "ml100k"], "Which tables: ml100k, synthetic.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")

@@ -10,20 +10,16 @@ items by training frequency (deterministic: one value).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import report
+from mvhan_jax import train
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/ml100k.md", "Markdown file to write.")
@@ -42,7 +38,6 @@ MODELS = {
     "ComiRec-DR (K=4)": "experiments/configs/mind_ml100k.py:model=comirec_dr",
     "MV-HAN (genre-family content types)": "experiments/configs/mvhan_ml100k.py",
 }
-
 
 
 def popularity(exp) -> dict[str, float]:

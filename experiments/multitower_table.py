@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -42,18 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax import losses  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax.data import pipeline  # noqa: E402
-from mvhan_jax.data import protocol  # noqa: E402
-from mvhan_jax.data import synthetic  # noqa: E402
-from mvhan_jax.models import multitower  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import losses
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.data import pipeline
+from mvhan_jax.data import protocol
+from mvhan_jax.data import synthetic
+from mvhan_jax.models import multitower
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
 flags.DEFINE_list("sections", ["ml100k_loo", "ml100k_comirec", "synthetic", "cold_start"], "Sections to run.")

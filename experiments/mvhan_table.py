@@ -21,7 +21,6 @@ all rows ranked among all items (the foundation protocol), where a per-type mode
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
@@ -29,12 +28,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax import configs  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax import train
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which dataset's table.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")

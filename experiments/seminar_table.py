@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax.seminar import data as sdata  # noqa: E402
-from mvhan_jax.seminar import train as strain  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax.seminar import data as sdata
+from mvhan_jax.seminar import train as strain
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which world.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")

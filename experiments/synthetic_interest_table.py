@@ -18,7 +18,6 @@ so --override reaches it as dataset.world.<field>.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
@@ -26,14 +25,11 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.data import synthetic  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.data import synthetic
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/synthetic_multi_interest.md", "Markdown file to write.")
