@@ -17,6 +17,9 @@ import ml_collections
 from mvhan_jax import configs
 from mvhan_jax.data import synthetic_config
 
+_mind = configs.sibling(__file__, "mind_ml100k")
+ARGS = _mind.ARGS  # model= also takes two_tower here
+
 
 def world_defaults() -> dict:
   """Every scalar field of `WorldConfig` at its default: each one is then a config field that
@@ -26,12 +29,11 @@ def world_defaults() -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mind = configs.sibling(__file__, "mind_ml100k")
-  args = configs.parse_args(arg, mind.ARGS, __file__)
+  args = configs.parse_args(arg, ARGS, __file__)
   if args.get("model") == "two_tower":
     c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if "smoke" in args else None)
   else:
-    c = mind.get_config(configs.format_args(args))
+    c = _mind.get_config(configs.format_args(args))
   c.loss.sampler = "log_uniform"  # every row of the synthetic tables uses the same sampler
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"

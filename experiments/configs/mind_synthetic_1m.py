@@ -18,11 +18,13 @@ import ml_collections
 
 from mvhan_jax import configs
 
+_base = configs.sibling(__file__, "mind_synthetic")
+ARGS = _base.ARGS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  base = configs.sibling(__file__, "mind_synthetic")
-  args = configs.parse_args(arg, configs.sibling(__file__, "mind_ml100k").ARGS, __file__)
-  c = base.get_config(configs.format_args({"model": "mind", "K": "4", **args}))
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = _base.get_config(configs.format_args({"model": "mind", "K": "4", **args}))
   if "smoke" in args:
     return c
   c.dataset.world.update(dict(num_users=100_000, num_items=1_000_000, num_topics=200,

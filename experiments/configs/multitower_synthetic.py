@@ -13,13 +13,15 @@ import ml_collections
 
 from mvhan_jax import configs
 
+_mt = configs.sibling(__file__, "multitower_ml100k")
+ARGS = _mt.ARGS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mt = configs.sibling(__file__, "multitower_ml100k")
-  args = configs.parse_args(arg, mt.ARGS, __file__)
+  args = configs.parse_args(arg, ARGS, __file__)
   if args.get("protocol", "comirec") != "comirec":
     raise ValueError("multitower_synthetic.py: the synthetic world is evaluated with protocol=comirec only")
-  c = configs.sibling(__file__, "mind_synthetic").get_config(mt.mind_args(args))
+  c = configs.sibling(__file__, "mind_synthetic").get_config(_mt.mind_args(args))
   if "epochs" in args:
     c.num_epochs = int(args["epochs"])
-  return mt.apply_args(c, args)
+  return _mt.apply_args(c, args)

@@ -19,15 +19,17 @@ import ml_collections
 
 from mvhan_jax import configs
 
+_ml = configs.sibling(__file__, "mvhan_ml100k")
+ARGS = _ml.ARGS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  ml = configs.sibling(__file__, "mvhan_ml100k")
-  args = configs.parse_args(arg, ml.ARGS, __file__)
+  args = configs.parse_args(arg, ARGS, __file__)
   pooled = "pooled" in args
   args.pop("pooled", None)
   if not pooled and "single" not in args:
     args["typed"] = ""
-  c = ml.get_config(configs.format_args(args))
+  c = _ml.get_config(configs.format_args(args))
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)

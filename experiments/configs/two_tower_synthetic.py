@@ -14,11 +14,13 @@ import ml_collections
 
 from mvhan_jax import configs
 
+_base = configs.sibling(__file__, "two_tower_ml100k")
+ARGS = _base.ARGS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  base = configs.sibling(__file__, "two_tower_ml100k")
-  args = configs.parse_args(arg, base.ARGS, __file__)
-  c = base.get_config(configs.format_args(args))
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = _base.get_config(configs.format_args(args))
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)
