@@ -46,18 +46,17 @@ import jax
 import ml_collections
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from mvhan_jax import losses
+from mvhan_jax import report
+from mvhan_jax import sharding
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
+from mvhan_jax.data import pipeline
+from mvhan_jax.data import synthetic
+from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.models.two_tower import TwoTower
 
-from mvhan_jax import losses  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import sharding  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.data import pipeline  # noqa: E402
-from mvhan_jax.data import synthetic  # noqa: E402
-from mvhan_jax.data.types import FeatureSpec  # noqa: E402
-from mvhan_jax.models.two_tower import TwoTower  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("world", "runs/scale/world_1e7", "A world written by experiments/gen_synthetic.py.")
 flags.DEFINE_integer("steps", 300, "Timed training steps (after the compile and one first step).")
@@ -216,7 +215,7 @@ def main(argv):
 
   if FLAGS.compile_only:
     # The one-jit form of the state (abstract_state traces it; init_state splits it in two jits).
-    init_fn = train._state_init_fn(exp, tx)  # pylint: disable=protected-access
+    init_fn = train.state_init_fn(rtask._params_init_fn(exp), tx)  # pylint: disable=protected-access
     init_args = sharding.put_replicated((jax.random.key(0), train.example_batch(source, 2)), mesh)
     state = rtask.abstract_state(exp, tx, mesh)
     init_mem = jax.jit(init_fn, out_shardings=jax.tree.map(lambda x: x.sharding, state)).lower(
@@ -357,7 +356,7 @@ replicated per device, the world's readers, Python). {"With dense AdamW every st
 fake devices.
 
 Init: parameters, then AdamW state, in two jits with output shardings (`rtask.init_state`). One
-jit (`train._state_init_fn`, what `rtask.abstract_state` traces) keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
+jit (`train.state_init_fn`, what `train.abstract_state` traces) keeps the table's random-number temporaries live beside the moments: `--compile_only` prints its
 per-device analysis (outputs 0.89 GiB + temporaries 0.89 GiB, 14.3 GiB over 8 devices), which did not
 fit beside the machine's other jobs.
 """

@@ -33,11 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax.models import pq  # noqa: E402
+from mvhan_jax import report
+from mvhan_jax.models import pq
 
 flags.DEFINE_list("lengths", ["1024", "2048", "8192"], "Sequence lengths L.")
 flags.DEFINE_list("subspaces", ["8", "16"], "PQ sub-spaces C per modality (d = 64).")

@@ -29,17 +29,15 @@ import ml_collections
 import numpy as np
 import optax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from mvhan_jax import losses
+from mvhan_jax import report
+from mvhan_jax import sharding
+from mvhan_jax.tasks import retrieval as rtask
+from mvhan_jax.data import pipeline
+from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.models.two_tower import TwoTower
 
-from mvhan_jax import losses  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import sharding  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.data import pipeline  # noqa: E402
-from mvhan_jax.data.types import FeatureSpec  # noqa: E402
-from mvhan_jax.models.two_tower import TwoTower  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_integer("items", 1_000_000, "Item-table rows.")
 flags.DEFINE_integer("dim", 64, "Embedding width.")

@@ -22,14 +22,13 @@ from absl import flags
 from absl import logging
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
+from mvhan_jax.data import pipeline
 
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.data import pipeline  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {
     "two_tower": "two_tower_ml100k.py",

@@ -12,25 +12,21 @@ the best-by-validation checkpoint are reported per scenario and task, mean ± st
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
-from mvhan_jax.ranking import data as ranking_data  # noqa: E402
-from mvhan_jax.tasks import ranking as ranking_train  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax.ranking import data as ranking_data
+from mvhan_jax.tasks import ranking as ranking_train
 from mvhan_jax import train as train_loop
 
 flags.DEFINE_list("datasets", ["synthetic", "ml100k"], "Which tables: ml100k, synthetic.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
-flags.DEFINE_list("override", [], "Config field overrides for every run, e.g. num_epochs=1.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. num_epochs=3,dataset.num_negatives=2.")
 flags.DEFINE_list("rows", [], "Only these model / ablation rows (names as in the tables); default all.")
 flags.DEFINE_string("workdir_root", "runs/hinet_table", "Where each run's workdir goes.")
 flags.DEFINE_string("out_dir", "experiments/results", "Where the markdown files go.")
@@ -48,14 +44,7 @@ ORACLES = {"true": "Oracle (true probabilities)", "rich_scenario": "Oracle, {ric
 
 
 def _config(dataset: str, args: str, seed: int):
-  cfg = load_config(f"{CONFIGS[dataset]}:{args}")
-  for item in FLAGS.override:
-    key, _, value = item.partition("=")
-    node = cfg
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+  cfg = configs.apply_overrides(configs.load_config(f"{CONFIGS[dataset]}:{args}"), FLAGS.override)
   cfg.seed = seed
   return cfg
 

@@ -10,25 +10,22 @@ items by training frequency (deterministic: one value).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/ml100k.md", "Markdown file to write.")
 flags.DEFINE_string("workdir_root", "runs/ml100k_table", "Where each run's workdir goes.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. num_epochs=6,batch_size=512.")
 FLAGS = flags.FLAGS
 
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "ANN recall@50")
@@ -44,7 +41,6 @@ MODELS = {
 }
 
 
-
 def popularity(exp) -> dict[str, float]:
   counts = np.bincount(np.concatenate(exp.split.train_sequences), minlength=exp.data.num_items).astype(np.float32)
   test = exp.eval_sets["test"]
@@ -58,18 +54,22 @@ def main(argv):
   for name, spec in MODELS.items():
     rows[name] = []
     for seed in map(int, FLAGS.seeds):
-      cfg = load_config(spec)
+      cfg = configs.apply_overrides(configs.load_config(spec), FLAGS.override)
       cfg.seed = seed
       cfg.progress = False
       # A finished workdir is only re-evaluated, so rerunning the script after adding a row is cheap.
-      workdir = os.path.join(FLAGS.workdir_root, spec.replace("/", "_").replace(":", "_"), f"seed{seed}")
+      # --override names the workdir too: a finished workdir is reused whatever its config was.
+      tag = "_" + "_".join(FLAGS.override).replace("=", "-").replace("/", "_") if FLAGS.override else ""
+      workdir = os.path.join(FLAGS.workdir_root, spec.replace("/", "_").replace(":", "_") + tag, f"seed{seed}")
       results = train.train_and_evaluate(cfg, workdir)
       rows[name].append({**results["test"], "ANN recall@50": results["index"]["ann_recall@50"]})
       print(f"{name} seed {seed}: {rows[name][-1]}", flush=True)
-  pop = popularity(rtask.build_experiment(load_config(MODELS[next(iter(MODELS))])))
+  pop = popularity(rtask.build_experiment(
+      configs.apply_overrides(configs.load_config(MODELS[next(iter(MODELS))]), FLAGS.override)))
   rows["Popularity"] = [{**pop, "ANN recall@50": float("nan")}]
   table = report.mean_std_table(rows, METRICS)
   seeds = ",".join(FLAGS.seeds)
+  override = f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
   text = f"""# MovieLens-100k, leave-one-out, full ranking
 
 Protocol: each user's interactions sorted by (timestamp, item id); the last one is the test target,
@@ -82,7 +82,7 @@ checkpoint; mean ± std (sample std) over seeds {seeds}.
 Produced by:
 
 ```bash
-python experiments/ml100k_table.py --seeds={seeds} --out={FLAGS.out}
+python experiments/ml100k_table.py --seeds={seeds}{override} --out={FLAGS.out}
 ```
 
 Machine: {report.machine_description()}. "ANN recall@50": the saved ScaNN index's top-50 against the

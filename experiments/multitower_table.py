@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -42,25 +41,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax import losses  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
-from mvhan_jax.data import pipeline  # noqa: E402
-from mvhan_jax.data import protocol  # noqa: E402
-from mvhan_jax.data import synthetic  # noqa: E402
-from mvhan_jax.models import multitower  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import losses
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
+from mvhan_jax.data import pipeline
+from mvhan_jax.data import protocol
+from mvhan_jax.data import synthetic
+from mvhan_jax.models import multitower
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
 flags.DEFINE_list("sections", ["ml100k_loo", "ml100k_comirec", "synthetic", "cold_start"], "Sections to run.")
 flags.DEFINE_string("out", "experiments/results/multitower.md", "Markdown file to write.")
 flags.DEFINE_string("workdir_root", "runs/multitower", "Where each run's workdir goes.")
-flags.DEFINE_string("extra", "", "Config args appended to every row (e.g. 'epochs=6' or 'smoke').")
+flags.DEFINE_list("config_args", [], "Config args appended to every row's (as after ':' in --config=), e.g. "
+                  "epochs=6 or smoke.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. batch_size=512,model.repel_weight=0.3.")
 flags.DEFINE_list("rows", [], "Only these row keys (default: all of ROWS).")
 flags.DEFINE_float("cold_fraction", 0.1, "Fraction of items held out of training in the cold-start section.")
 flags.DEFINE_integer("cold_epochs", 4, "Training epochs of the cold-start runs.")
@@ -108,6 +106,15 @@ def _spec(path: str, *args: str) -> str:
   return f"{path}:" + ",".join(a for a in args if a)
 
 
+def _load(spec: str):
+  return configs.apply_overrides(configs.load_config(spec), FLAGS.override)
+
+
+def _override_key() -> str:
+  """A workdir suffix naming --override: the metrics cache (table_metrics.json) ignores the config."""
+  return "_" + "_".join(FLAGS.override).replace("=", "-").replace("/", "_") if FLAGS.override else ""
+
+
 def _world(cfg):
   return synthetic.generate_world(synthetic.WorldConfig(**cfg.dataset.world.to_dict()))
 
@@ -131,15 +138,15 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
   rows = {}
   for key in FLAGS.rows or ROWS:
     row_name, args = ROWS[key]
-    spec = _spec(path, args, section_args, FLAGS.extra)
+    spec = _spec(path, args, section_args, *FLAGS.config_args)
     for seed in seeds:
-      cfg = load_config(spec)
+      cfg = _load(spec)
       cfg.seed = seed
       cfg.progress = False
       cfg.tensorboard = False
       cfg.index.build = False
-      workdir = os.path.join(FLAGS.workdir_root, name, spec.split(":")[1].replace(",", "_").replace("=", "-"),
-                             f"seed{seed}")
+      workdir = os.path.join(FLAGS.workdir_root, name,
+                             spec.split(":")[1].replace(",", "_").replace("=", "-") + _override_key(), f"seed{seed}")
       cached = _load_cached(workdir)
       if cached is not None:
         rows.setdefault(row_name, []).append(cached["metrics"])
@@ -222,7 +229,7 @@ def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
   for key in FLAGS.cold_rows or COLD_ROWS:
     row_name, args = COLD_ROWS[key]
     for seed in seeds:
-      workdir = os.path.join(FLAGS.workdir_root, "cold_start", key, f"seed{seed}")
+      workdir = os.path.join(FLAGS.workdir_root, "cold_start", key + _override_key(), f"seed{seed}")
       cached = _load_cached(workdir)
       if cached is not None:
         rows.setdefault(row_name, []).append(cached["metrics"])
@@ -232,7 +239,7 @@ def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
       if FLAGS.cached_only:
         continue
       t0 = time.time()
-      cfg = load_config(_spec("experiments/configs/multitower_synthetic.py", args, FLAGS.extra))
+      cfg = _load(_spec("experiments/configs/multitower_synthetic.py", args, *FLAGS.config_args))
       cfg.seed = seed
       if key == "mt_serve_repel_keepid":
         cfg.model.drop_unseen_ids = False
@@ -280,7 +287,8 @@ held-out target: {info['cold users']}, with another target: {info['warm users']}
     rows = run_section(name, seeds, timing)
     parts.append(f"## {title}\n\n{report.mean_std_table(rows, metrics)}\n")
   flags_used = f"--seeds={','.join(FLAGS.seeds)} --sections={','.join(FLAGS.sections)}"
-  flags_used += f" --extra={FLAGS.extra}" if FLAGS.extra else ""
+  flags_used += f" --config_args={','.join(FLAGS.config_args)}" if FLAGS.config_args else ""
+  flags_used += f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
   flags_used += f" --rows={','.join(FLAGS.rows)}" if FLAGS.rows else ""
   flags_used += f" --cold_epochs={FLAGS.cold_epochs}" if "cold_start" in FLAGS.sections else ""
   body = "\n".join(parts)

@@ -21,7 +21,6 @@ all rows ranked among all items (the foundation protocol), where a per-type mode
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
@@ -29,20 +28,17 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which dataset's table.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "", "Markdown file (default experiments/results/mvhan_<dataset>.md).")
 flags.DEFINE_string("workdir_root", "runs/mvhan_table", "Where each run's workdir goes.")
-flags.DEFINE_string("extra", "", "Extra config args appended to every row's config args.")
-flags.DEFINE_list("overrides", [], "Config overrides key=value applied to every run, e.g. num_epochs=4,model.dim=32.")
+flags.DEFINE_list("config_args", [], "Config args appended to every row's (as after ':' in --config=), e.g. light.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. num_epochs=4,model.dim=32.")
 flags.DEFINE_list("rows", [], "Only these rows (by the names in ROWS); default all.")
 FLAGS = flags.FLAGS
 
@@ -60,20 +56,8 @@ ROWS = {
 POOLED = ("HR@10", "HR@50")
 
 
-def _override(cfg, item: str):
-  key, _, value = item.partition("=")
-  node = cfg
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  old = node[leaf]
-  node[leaf] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else value
-
-
 def run(args: str, seed: int) -> dict[str, float]:
-  cfg = load_config(f"{CONFIGS[FLAGS.dataset]}:{args}")
-  for item in FLAGS.overrides:
-    _override(cfg, item)
+  cfg = configs.apply_overrides(configs.load_config(f"{CONFIGS[FLAGS.dataset]}:{args}"), FLAGS.override)
   cfg.seed = seed
   cfg.progress = False
   cfg.index.build = False
@@ -90,7 +74,7 @@ def main(argv):
     for seed in map(int, FLAGS.seeds):
       merged, t0 = {}, time.time()
       for args, types in ROWS[row]:
-        args = ",".join(filter(None, [args, FLAGS.extra]))
+        args = ",".join(filter(None, [args, *FLAGS.config_args]))
         res, cfg = run(args, seed)
         names = names or rtask.build_experiment(cfg).type_names
         for t, name in enumerate(names, start=1):
@@ -114,8 +98,8 @@ def main(argv):
   table = report.mean_std_table(rows, metrics)
   seeds = ",".join(FLAGS.seeds)
   flags_used = f" --dataset={FLAGS.dataset} --seeds={seeds}"
-  flags_used += f" --extra={FLAGS.extra}" if FLAGS.extra else ""
-  flags_used += f" --overrides={','.join(FLAGS.overrides)}" if FLAGS.overrides else ""
+  flags_used += f" --config_args={','.join(FLAGS.config_args)}" if FLAGS.config_args else ""
+  flags_used += f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
   flags_used += f" --rows='{','.join(FLAGS.rows)}'" if FLAGS.rows else ""
   out = FLAGS.out or f"experiments/results/mvhan_{FLAGS.dataset}.md"
   what = ("MovieLens-100k, content types by genre family (source: mainstream; targets: family, niche)"

@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from mvhan_jax import report
 
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train as retrieval_train  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
-from mvhan_jax.ranking import rerank  # noqa: E402
-from mvhan_jax.tasks import ranking as ranking_train  # noqa: E402
+from mvhan_jax.configs import load_config
+from mvhan_jax.ranking import rerank
+from mvhan_jax.tasks import ranking as ranking_train
 from mvhan_jax import train as train_loop
 
 flags.DEFINE_string("retrieval_config", "experiments/configs/two_tower_ml100k.py:recency", "Retrieval config.")
@@ -64,7 +60,7 @@ def main(argv):
   rcfg = load_config(FLAGS.retrieval_config)
   rcfg.progress = False
   if not os.path.exists(os.path.join(FLAGS.retrieval_workdir, "results.json")):
-    retrieval_train.train_and_evaluate(rcfg, FLAGS.retrieval_workdir)
+    train_loop.train_and_evaluate(rcfg, FLAGS.retrieval_workdir)
   with open(os.path.join(FLAGS.retrieval_workdir, "results.json")) as f:
     retrieval_results = json.load(f)
   rankers, own = {}, {}

@@ -3,7 +3,7 @@ which also writes the SEMINAR section of experiments/results/ml100k.md).
 
   python experiments/seminar_table.py --seeds=0,1,2
   python experiments/seminar_table.py --dataset=ml100k --seeds=0,1,2 --rows=psu,nopretrain
-  python experiments/seminar_table.py --seeds=0 --rows=psu --extra=train.num_epochs=1
+  python experiments/seminar_table.py --seeds=0 --rows=psu --override=train.num_epochs=1
 
 Rows (config arguments of experiments/configs/seminar_<dataset>.py): no pretraining; PSU
 pretraining (all three objectives); PSU without each objective in turn; exact vs PQ GSU top-K at
@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax.configs import load_config  # noqa: E402
-from mvhan_jax.seminar import data as sdata  # noqa: E402
-from mvhan_jax.tasks import seminar as strain  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import report
+from mvhan_jax.seminar import data as sdata
+from mvhan_jax.tasks import seminar as strain
 from mvhan_jax import train as train_loop
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which world.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
 flags.DEFINE_list("rows", [], "Row keys to run (default: all); see ROWS.")
-flags.DEFINE_list("extra", [], "Config overrides field=value applied to every run, e.g. train.num_epochs=1.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. train.num_epochs=1.")
 flags.DEFINE_string("out", "", "Markdown file (default experiments/results/seminar_<dataset>.md).")
 flags.DEFINE_string("workdir_root", "runs/seminar_table", "Where each run's workdir goes.")
 flags.DEFINE_bool("reevaluate", False, "Re-evaluate finished workdirs instead of reading their results.json.")
@@ -71,14 +67,6 @@ ROWS = {
 METRICS = ("full/HR@10", "full/NDCG@10", "full/HR@50", "full/NDCG@50", "full/MRR",
            "sampled/HR@10", "sampled/NDCG@10", "sampled/MRR")
 HEADERS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "sampled HR@10", "sampled NDCG@10", "sampled MRR")
-def _override(cfg, item: str):
-  field, _, value = item.partition("=")
-  *path, name = field.split(".")
-  node = cfg
-  for p in path:
-    node = node[p]
-  old = node[name]
-  node[name] = type(old)(value) if old is not None and not isinstance(old, bool) else (value == "True" if isinstance(old, bool) else value)
 
 
 def write_ml100k_section(rows, keys, cmd):
@@ -134,10 +122,9 @@ def main(argv):
   for seed in map(int, FLAGS.seeds):  # seed-major: a complete one-seed table comes first
     for run in runs:                   # RUNS order: 'psu' before the 'pq' run that reuses its PSU
       args = RUNS[run]
-      cfg = load_config(f"{conf}:{args}" if args else conf)
+      cfg = configs.load_config(f"{conf}:{args}" if args else conf)
       cfg.seed = seed
-      for item in FLAGS.extra:
-        _override(cfg, item)
+      configs.apply_overrides(cfg, FLAGS.override)
       cfg.eval.extra_attentions = extra[run]
       root = os.path.join(FLAGS.workdir_root, FLAGS.dataset)
       shared = os.path.join(root, SHARE_PSU.get(run, ""), f"seed{seed}", "psu", "final")
@@ -159,7 +146,7 @@ def main(argv):
   seeds = ",".join(FLAGS.seeds)
   out = FLAGS.out or f"experiments/results/seminar_{FLAGS.dataset}.md"
   cmd = f"python experiments/seminar_table.py --dataset={FLAGS.dataset} --seeds={seeds}" + (
-      f" --rows={','.join(keys)}" if FLAGS.rows else "") + (f" --extra={','.join(FLAGS.extra)}" if FLAGS.extra else "")
+      f" --rows={','.join(keys)}" if FLAGS.rows else "") + (f" --override={','.join(FLAGS.override)}" if FLAGS.override else "")
   secs = ", ".join(f"{n}: {sum(t) / len(t):.0f} s" for n, t in timing.items())
   if FLAGS.ml100k_section and FLAGS.dataset == "ml100k":
     write_ml100k_section(rows, keys, cmd)

@@ -1,6 +1,8 @@
 r"""Produces experiments/results/synthetic_multi_interest.md: does MIND recover users' true interests?
 
   python experiments/synthetic_interest_table.py --seeds=0,1,2
+  python experiments/synthetic_interest_table.py --seeds=0 \
+      --override=dataset.world.num_items=10000,dataset.world.zipf_exponent=0.8,num_epochs=4,model.dim=16
 
 On a synthetic world whose users have 1..4 latent interest topics (ComiRec protocol: held-out users,
 first 80% of the sequence as history, last 20% as targets), compares the two-tower baseline, MIND-1,
@@ -9,12 +11,13 @@ held-out users whose every true interest is matched by a distinct capsule: each 
 represented by the mean of its items' vectors in the model's item space, each topic is assigned the
 live capsule with the highest cosine, and a user counts as recovered when those capsules are all
 different (a user with more true interests than live capsules cannot be recovered).
+Every scalar field of the world (`WorldConfig`) is a config field (experiments/configs/mind_synthetic.py),
+so --override reaches it as dataset.world.<field>.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
@@ -22,23 +25,19 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mvhan_jax import configs  # noqa: E402
-from mvhan_jax import evaluation  # noqa: E402
-from mvhan_jax import report  # noqa: E402
-from mvhan_jax import train  # noqa: E402
-from mvhan_jax.tasks import retrieval as rtask  # noqa: E402
-from mvhan_jax.data import synthetic  # noqa: E402
+from mvhan_jax import configs
+from mvhan_jax import evaluation
+from mvhan_jax import report
+from mvhan_jax import train
+from mvhan_jax.tasks import retrieval as rtask
+from mvhan_jax.data import synthetic
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
 flags.DEFINE_string("out", "experiments/results/synthetic_multi_interest.md", "Markdown file to write.")
 flags.DEFINE_string("workdir_root", "runs/synthetic_interest", "Where each run's workdir goes.")
-flags.DEFINE_string("extra", "", "Extra config args appended to every model (e.g. 'smoke').")
-flags.DEFINE_list("world", [], "World overrides, e.g. num_items=10000,num_topics=100,zipf_exponent=0.8.")
-flags.DEFINE_integer("num_epochs", 0, "Overrides config.num_epochs when > 0.")
-flags.DEFINE_integer("dim", 0, "Overrides config.model.dim (embedding width) when > 0.")
+flags.DEFINE_list("config_args", [], "Config args appended to every model's (as after ':' in --config=), e.g. smoke.")
+flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. "
+                  "dataset.world.num_items=10000,dataset.world.zipf_exponent=0.8,num_epochs=4,model.dim=16.")
 FLAGS = flags.FLAGS
 
 CONFIG = "experiments/configs/mind_synthetic.py"
@@ -52,18 +51,7 @@ METRICS = ("Recall@50", "HR@50", "NDCG@50", "Recall@20", "interests recovered")
 
 
 def load_config(arg: str):
-  cfg = configs.load_config(f"{CONFIG}:{arg}")
-  for item in FLAGS.world:
-    key, _, value = item.partition("=")
-    default = getattr(synthetic.WorldConfig(), key, None)
-    if not isinstance(default, (int, float)):
-      raise ValueError(f"--world: {key!r} is not a numeric field of synthetic.WorldConfig")
-    cfg.dataset.world[key] = type(default)(value)
-  if FLAGS.num_epochs:
-    cfg.num_epochs = FLAGS.num_epochs
-  if FLAGS.dim:
-    cfg.model.dim = FLAGS.dim
-  return cfg
+  return configs.apply_overrides(configs.load_config(f"{CONFIG}:{arg}"), FLAGS.override)
 
 
 def interest_recovery(exp, params, world) -> float:
@@ -82,7 +70,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   rows, timing = {}, {}
   for name, arg in MODELS.items():
-    arg = ",".join(filter(None, [arg, FLAGS.extra]))
+    arg = ",".join(filter(None, [arg, *FLAGS.config_args]))
     for seed in map(int, FLAGS.seeds):
       cfg = load_config(arg)
       cfg.seed = seed
@@ -100,14 +88,14 @@ def main(argv):
       print(f"{name} seed {seed}: {res} ({timing[name][-1]:.0f} s)", flush=True)
   table = report.mean_std_table(rows, METRICS)
   seeds = ",".join(FLAGS.seeds)
-  extra = f" --extra={FLAGS.extra}" if FLAGS.extra else ""
-  extra += f" --world={','.join(FLAGS.world)}" if FLAGS.world else ""
-  extra += f" --num_epochs={FLAGS.num_epochs}" if FLAGS.num_epochs else ""
-  extra += f" --dim={FLAGS.dim}" if FLAGS.dim else ""
-  cfg = load_config("model=mind")
+  extra = f" --config_args={','.join(FLAGS.config_args)}" if FLAGS.config_args else ""
+  extra += f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
+  default_world = synthetic.WorldConfig()
+  world = {k: v for k, v in load_config("model=mind").dataset.world.to_dict().items()
+           if v != getattr(default_world, k, None)}
   text = f"""# Synthetic world, multi-interest users, ComiRec protocol
 
-World: {cfg.dataset.world.to_dict()} (mvhan_jax.data.synthetic). Users have 1..4 true interest topics;
+World (the fields that differ from `WorldConfig`'s defaults): {world} (mvhan_jax.data.synthetic). Users have 1..4 true interest topics;
 held-out users (8:1:1 split) are evaluated on the last 20% of their sequence from the first 80%, full
 ranking over all items, seen items excluded. Test metrics of the best-by-validation-Recall@50
 checkpoint; mean ± std over seeds {seeds}. "interests recovered": fraction of held-out users whose true

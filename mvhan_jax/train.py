@@ -108,12 +108,17 @@ def init_state(init_params: Callable, init_args: tuple, tx, mesh, mesh_cfg, extr
   return TrainState(step=step, params=params, opt_state=opt_state, extra=extra)
 
 
-def abstract_state(init_params: Callable, init_args: tuple, tx, mesh, mesh_cfg, extra: Any = None) -> TrainState:
-  """`init_state`'s shapes, dtypes and shardings without computing it (a checkpoint restore target)."""
+def state_init_fn(init_params: Callable, tx, extra: Any = None) -> Callable:
+  """The whole state in one function (its shapes are `init_state`'s; `abstract_state` traces it)."""
   def _init(*args):
     params = init_params(*args)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
-  shapes = jax.eval_shape(_init, *init_args)
+  return _init
+
+
+def abstract_state(init_params: Callable, init_args: tuple, tx, mesh, mesh_cfg, extra: Any = None) -> TrainState:
+  """`init_state`'s shapes, dtypes and shardings without computing it (a checkpoint restore target)."""
+  shapes = jax.eval_shape(state_init_fn(init_params, tx, extra), *init_args)
   return sharding.abstract_with_shardings(shapes, sharding.tree_shardings(shapes, mesh, mesh_cfg))
 
 

@@ -20,9 +20,13 @@ ablation in experiments/results/hinet_ml100k.md.
 
 import ml_collections
 
+from mvhan_jax import configs
+
+ARGS = ("model=", "negatives=", "no_san", "no_specific", "shared_tower", "smoke")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = dict(a.partition("=")[::2] for a in (arg or "").split(",") if a)
+  args = configs.parse_args(arg, ARGS, __file__)
   c = ml_collections.ConfigDict()
   c.task = "ranking"
   c.seed = 0

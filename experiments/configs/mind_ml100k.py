@@ -14,30 +14,16 @@ Arguments after ':' (comma-separated key=value or flags):
 Expected result: experiments/results/ml100k.md (mean ± std over 3 seeds).
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import load_config
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def parse_args(arg: str | None) -> dict[str, str]:
-  out = {}
-  for part in (arg or "").split(","):
-    if part:
-      key, _, value = part.partition("=")
-      out[key] = value or "1"
-  return out
+ARGS = ("model=", "K=", "power=", "axis=", "smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg)
-  unknown = set(args) - {"model", "K", "power", "axis", "smoke"}
-  if unknown:
-    raise ValueError(f"mind_ml100k.py: unknown config args {sorted(unknown)}; see the module docstring")
-  c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if "smoke" in args else ""))
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if "smoke" in args else None)
   name = args.get("model", "mind")
   m = ml_collections.ConfigDict()
   m.name = name

@@ -14,19 +14,18 @@ category / tag / author embeddings MIND averages with the id embedding. ComiRec 
 Arguments after ':' as experiments/configs/mind_ml100k.py; 'smoke' shrinks the world for tests.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import load_config
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_base = configs.sibling(__file__, "mind_synthetic")
+ARGS = _base.ARGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = arg or "model=mind,K=4"
-  c = load_config(os.path.join(_HERE, "mind_synthetic.py") + ":" + arg)
-  if "smoke" in arg:
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = _base.get_config(configs.format_args({"model": "mind", "K": "4", **args}))
+  if "smoke" in args:
     return c
   c.dataset.world.update(dict(num_users=100_000, num_items=1_000_000, num_topics=200,
                               min_events=40, max_events=80))

@@ -21,23 +21,12 @@ Both towers use the log-uniform negative sampler with logQ (as the MIND configs)
 Expected result: experiments/results/multitower.md (mean ± std over 3 seeds).
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module, load_config
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-ARGS = {"extractor", "K", "tower", "readout", "score", "lse_t", "repel", "lam", "margin", "protocol", "smoke",
-        "epochs"}
-
-
-def parse_args(arg: str | None) -> dict[str, str]:
-  args = config_module(os.path.join(_HERE, "mind_ml100k.py")).parse_args(arg)
-  unknown = set(args) - ARGS
-  if unknown:
-    raise ValueError(f"multitower config: unknown args {sorted(unknown)}; known: {sorted(ARGS)}")
-  return args
+ARGS = ("extractor=", "K=", "tower=", "readout=", "score=", "lse_t=", "repel=", "lam=", "margin=", "protocol=",
+        "epochs=", "smoke")
 
 
 def _choice(args, key, default, allowed):
@@ -70,11 +59,15 @@ def apply_args(c: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collect
   return c
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_args(arg)
+def mind_args(args: dict[str, str]) -> str:
+  """The MIND / ComiRec config args of the extractor ``args`` names."""
   extractor = _choice(args, "extractor", "mind", ("mind", "comirec_sa", "comirec_dr"))
-  mind_arg = f"model={extractor},K={args.get('K', 4)}" + (",smoke" if "smoke" in args else "")
-  c = load_config(os.path.join(_HERE, "mind_ml100k.py") + ":" + mind_arg)
+  return configs.format_args({"model": extractor, "K": args.get("K", "4"), **({"smoke": ""} if "smoke" in args else {})})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = configs.sibling(__file__, "mind_ml100k").get_config(mind_args(args))
   protocol = _choice(args, "protocol", "leave_one_out", ("leave_one_out", "comirec"))
   if protocol == "comirec":
     c.protocol = "comirec"

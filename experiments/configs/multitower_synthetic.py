@@ -9,23 +9,19 @@ Arguments: as experiments/configs/multitower_ml100k.py (extractor=, K=, tower=, 
 lse_t=, repel=, lam=, margin=, epochs=, smoke); the protocol is always ComiRec's.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_mt = configs.sibling(__file__, "multitower_ml100k")
+ARGS = _mt.ARGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mt = config_module(os.path.join(_HERE, "multitower_ml100k.py"))
-  args = mt.parse_args(arg)
+  args = configs.parse_args(arg, ARGS, __file__)
   if args.get("protocol", "comirec") != "comirec":
     raise ValueError("multitower_synthetic.py: the synthetic world is evaluated with protocol=comirec only")
-  extractor = mt._choice(args, "extractor", "mind", ("mind", "comirec_sa", "comirec_dr"))  # pylint: disable=protected-access
-  synth = config_module(os.path.join(_HERE, "mind_synthetic.py"))
-  c = synth.get_config(f"model={extractor},K={args.get('K', 4)}" + (",smoke" if "smoke" in args else ""))
+  c = configs.sibling(__file__, "mind_synthetic").get_config(_mt.mind_args(args))
   if "epochs" in args:
     c.num_epochs = int(args["epochs"])
-  return mt.apply_args(c, args)
+  return _mt.apply_args(c, args)

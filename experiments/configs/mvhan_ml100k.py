@@ -31,24 +31,19 @@ Expected result: experiments/results/mvhan.md (mean ± std over 3 seeds) and, fo
 configuration, test HR@10 ~0.16 / NDCG@10 ~0.085 / HR@50 ~0.42 in ml100k.md.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module, load_config
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-ARGS = {"model", "typed", "pooled", "single", "light", "exclusive_embeddings", "fel_per_type", "mlp", "learn_temperature", "smoke"}
+ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
+        "learn_temperature", "smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_module(os.path.join(_HERE, "mind_ml100k.py")).parse_args(arg)
-  unknown = set(args) - ARGS
-  if unknown:
-    raise ValueError(f"mvhan_ml100k.py: unknown config args {sorted(unknown)}; known: {sorted(ARGS)}")
+  args = configs.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   name = args.get("model", "mvhan")
-  c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + (":smoke" if smoke else ":recency"))
+  c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if smoke else "recency")
   c.dataset.content_types = "genre_family"
   c.eval_per_type = True
   c.type_schedule = ()

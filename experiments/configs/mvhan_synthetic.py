@@ -15,23 +15,21 @@ fel_per_type, mlp, learn_temperature, smoke); here 'typed' is the default and 'p
 Expected result: experiments/results/mvhan.md.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_ml = configs.sibling(__file__, "mvhan_ml100k")
+ARGS = _ml.ARGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  ml = config_module(os.path.join(_HERE, "mvhan_ml100k.py"))
-  args = config_module(os.path.join(_HERE, "mind_ml100k.py")).parse_args(arg)
+  args = configs.parse_args(arg, ARGS, __file__)
   pooled = "pooled" in args
   args.pop("pooled", None)
   if not pooled and "single" not in args:
-    args["typed"] = "1"
-  c = ml.get_config(",".join(k if v == "1" else f"{k}={v}" for k, v in args.items()))
+    args["typed"] = ""
+  c = _ml.get_config(configs.format_args(args))
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)

@@ -23,13 +23,12 @@ full HR@10 0.036 vs popularity's 0.050. This config, seed 0: full HR@10 0.069, H
 minutes). Results: the SEMINAR section of experiments/results/ml100k.md.
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import config_module
+from mvhan_jax import configs
 
-_syn = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seminar_synthetic.py"))
+_syn = configs.sibling(__file__, "seminar_synthetic")
+ARGS = tuple(a for a in _syn.ARGS if a != "smoke")  # no smoke-sized MovieLens: tests use the synthetic world
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,5 +49,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_epochs = 3
   c.train.negatives = "popularity"
   c.eval.item_chunk = 841
-  _syn.apply_args(c, arg)
+  _syn.apply_args(c, configs.parse_args(arg, ARGS, __file__))
   return c

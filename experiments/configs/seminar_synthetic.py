@@ -26,6 +26,11 @@ experiments/results/seminar_synthetic.md (experiments/seminar_table.py --seeds=0
 
 import ml_collections
 
+from mvhan_jax import configs
+
+# seminar_ml100k.py takes the same arguments but 'smoke'.
+ARGS = ("nopretrain", "no_next", "no_align", "no_rel", "attention=", "eval_attention=", "freeze", "smoke")
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Everything but the dataset (shared with seminar_ml100k.py)."""
@@ -57,22 +62,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_args(c: ml_collections.ConfigDict, arg: str | None) -> set:
-  args = set(a for a in (arg or "").split(",") if a)
-  for a in args:
-    if a.startswith("attention="):
-      c.model.attention = a.split("=", 1)[1]
-    elif a.startswith("eval_attention="):
-      c.model.eval_attention = a.split("=", 1)[1]
-    elif a == "nopretrain":
-      c.pretrain.enabled = False
-    elif a in ("no_next", "no_align", "no_rel"):
-      c.pretrain["w_" + a[3:]] = 0.0
-    elif a == "freeze":
-      c.pretrain.freeze = True
-    elif a != "smoke":
-      raise ValueError(f"config argument {a!r} is unknown: see the config file's docstring")
-  return args
+def apply_args(c: ml_collections.ConfigDict, args: dict[str, str]) -> None:
+  """The model / pretraining arguments (every one of ARGS but 'smoke', which each file applies)."""
+  if "attention" in args:
+    c.model.attention = args["attention"]
+  if "eval_attention" in args:
+    c.model.eval_attention = args["eval_attention"]
+  if "nopretrain" in args:
+    c.pretrain.enabled = False
+  for objective in ("next", "align", "rel"):
+    if "no_" + objective in args:
+      c.pretrain["w_" + objective] = 0.0
+  if "freeze" in args:
+    c.pretrain.freeze = True
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -84,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.world = ml_collections.ConfigDict(dict(num_users=200, num_items=1000, num_topics=50,
                                            min_events=1000, max_events=2000, seed=0))
   c.dataset = d
-  args = apply_args(c, arg)
+  args = configs.parse_args(arg, ARGS, __file__)
+  apply_args(c, args)
   if "smoke" in args:
     d.world.update(num_users=40, num_items=600, min_events=60, max_events=120)
     c.maxlen = 64

@@ -12,9 +12,13 @@ experiments/results/ml100k.md for mean ± std over seeds and the command that pr
 
 import ml_collections
 
+from mvhan_jax import configs
+
+ARGS = ("recency", "smoke")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = set((arg or "").split(",")) - {""}
+  args = configs.parse_args(arg, ARGS, __file__)
   c = ml_collections.ConfigDict()
   c.task = "retrieval"
   c.seed = 0

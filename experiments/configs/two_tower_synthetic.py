@@ -4,22 +4,23 @@ Launch:
   mvhan-train --config=experiments/configs/two_tower_synthetic.py --workdir=runs/tt_synth
   mvhan-train --config=experiments/configs/two_tower_synthetic.py:smoke --workdir=runs/tt_synth_smoke
 
+Arguments after ':' as two_tower_ml100k.py ('recency', 'smoke').
+
 The world's scalar parameters are config fields (``--config.dataset.world.num_items=20000``); content
 types and scenarios keep the generator's defaults (one rich source type, two sparse target types).
 """
 
-import os
-
 import ml_collections
 
-from mvhan_jax.configs import load_config
+from mvhan_jax import configs
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_base = configs.sibling(__file__, "two_tower_ml100k")
+ARGS = _base.ARGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = set((arg or "").split(",")) - {""}
-  c = load_config(os.path.join(_HERE, "two_tower_ml100k.py") + ":" + ",".join(args & {"smoke", "recency"}))
+  args = configs.parse_args(arg, ARGS, __file__)
+  c = _base.get_config(configs.format_args(args))
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic"
   c.dataset.content_type = ml_collections.FieldReference(None, field_type=str)
