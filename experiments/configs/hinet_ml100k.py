@@ -1,8 +1,8 @@
 r"""HiNet and its baselines on MovieLens-100k as a 4-scenario (occupation group), 2-task ranking set.
 
 Launch:
-  python -m mvhan_jax.ranking.main --config=experiments/configs/hinet_ml100k.py --workdir=runs/hinet_ml
-  python -m mvhan_jax.ranking.main --config=experiments/configs/hinet_ml100k.py:model=ple --workdir=runs/ple_ml
+  mvhan-train --config=experiments/configs/hinet_ml100k.py --workdir=runs/hinet_ml
+  mvhan-train --config=experiments/configs/hinet_ml100k.py:model=ple --workdir=runs/ple_ml
 
 Arguments after ':' (comma-separated): 'model=NAME' with NAME in hinet | shared_bottom | mmoe | ple |
 star (default hinet); 'negatives=retrieval' (negatives drawn from a retrieval model's candidates for
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.task_weights = (1.0, 1.0)        # CTR, CTCVR
-  c.loss.scenario_weighting = "sample"    # 'sample' | 'scenario' (see mvhan_jax/ranking/train.py)
+  c.loss.scenario_weighting = "sample"    # 'sample' | 'scenario' (see mvhan_jax/tasks/ranking.py)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 2e-3

@@ -1,8 +1,8 @@
 r"""HiNet and its baselines on the synthetic world's multi-scenario exposure log (CTR and CTCVR).
 
 Launch:
-  python -m mvhan_jax.ranking.main --config=experiments/configs/hinet_synthetic.py --workdir=runs/hinet_syn
-  python -m mvhan_jax.ranking.main --config=experiments/configs/hinet_synthetic.py:model=mmoe --workdir=runs/mmoe_syn
+  mvhan-train --config=experiments/configs/hinet_synthetic.py --workdir=runs/hinet_syn
+  mvhan-train --config=experiments/configs/hinet_synthetic.py:model=mmoe --workdir=runs/mmoe_syn
 
 Arguments after ':' as in hinet_ml100k.py: 'model=NAME' (hinet | shared_bottom | mmoe | ple | star),
 'no_san', 'no_specific', 'shared_tower', 'smoke'.

@@ -1,7 +1,7 @@
 r"""SEMINAR on MovieLens-100k (leave-one-out): no queries, modalities id / title text / genres.
 
 Launch:
-  python -m mvhan_jax.seminar.main --config=experiments/configs/seminar_ml100k.py --workdir=runs/seminar_ml
+  mvhan-train --config=experiments/configs/seminar_ml100k.py --workdir=runs/seminar_ml
 
 Arguments after ':' as in seminar_synthetic.py ('nopretrain', 'no_next', 'no_align', 'no_rel',
 'attention=exact|pq', 'eval_attention=exact|pq', 'freeze').
@@ -13,7 +13,7 @@ is evaluated against all 1,682 items (full) and against 99 random unseen items (
 
 Finetuning differs from the synthetic world's: every training event is a target (~93k examples,
 not 16 per user), batch 128, 3 epochs, and the 4 negatives per target are drawn from
-popularity^0.75 with the NCE correction (`mvhan_jax.seminar.train.nce_logits`: the score still
+popularity^0.75 with the NCE correction (`mvhan_jax.tasks.seminar.nce_logits`: the score still
 estimates log p(item | history), so it ranks the whole catalogue). Why: with uniform negatives, 16
 targets per user and 2 epochs the model learned little beyond popularity (its mean item scores
 have Spearman 0.93 with the item counts; uniform negatives are almost all long-tail items, so

@@ -1,8 +1,8 @@
 r"""SEMINAR on the synthetic world's lifelong (query, item) sequences (PSU pretraining + GSU/ESU).
 
 Launch:
-  python -m mvhan_jax.seminar.main --config=experiments/configs/seminar_synthetic.py --workdir=runs/seminar_syn
-  python -m mvhan_jax.seminar.main --config=experiments/configs/seminar_synthetic.py:attention=pq --workdir=runs/s_pq
+  mvhan-train --config=experiments/configs/seminar_synthetic.py --workdir=runs/seminar_syn
+  mvhan-train --config=experiments/configs/seminar_synthetic.py:attention=pq --workdir=runs/s_pq
 
 Arguments after ':' (comma-separated):
   'nopretrain'            no PSU pretraining (embedder from its random init)
