@@ -203,6 +203,42 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
                  "table_spec": lazy[(2, 4)]["table_spec"], "mu_spec": lazy[(2, 4)]["mu_spec"],
                  "moved": max(float(np.abs(a - b).max()) for a, b in zip(lazy[(1, 1)]["params"], base_params))}
 
+  # The other tasks through the loop's own pieces (train.init_state from the task's Stage, its
+  # train_step, pin_shardings, global_batch): a HiNet step and a SEMINAR finetuning step on (8, 1)
+  # and (4, 2) against 1 device.
+  from mvhan_jax import tasks  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
+  task_steps = {}
+  for name, spec in (("hinet", "experiments/configs/hinet_synthetic.py:smoke"),
+                     ("seminar", "experiments/configs/seminar_synthetic.py:smoke,nopretrain")):
+    stage = next(tasks.build_task(load_config(spec)).stages(ckpt_dir))
+    ds = stage.dataset(0, 1)
+    out = {}
+    for shape in ((1, 1), (8, 1), (4, 2)):
+      mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+      st = train.init_state(stage.init_params, (jax.random.key(0), *stage.init_args), stage.tx, mesh,
+                            sharding.mesh_config(stage.config), stage.extra)
+      init = [np.asarray(x) for x in jax.tree.leaves(st.params)]
+      step = sharding.pin_shardings(stage.train_step, jax.tree.map(lambda x: x.sharding, st))
+      consts, key = sharding.put_replicated((stage.consts, jax.random.key(1)), mesh)
+      step_losses = []
+      for i in range(3):
+        batch = sharding.global_batch(ds[i], sharding.batch_sharding(mesh, stage.batch_size))
+        st, m = step(st, batch, consts, key)
+        step_losses.append(float(m["loss"]))
+      params = [np.asarray(x) for x in jax.tree.leaves(st.params)]
+      out[shape] = {"losses": step_losses, "params": params,
+                    "moved": max(float(np.abs(a - b).max()) for a, b in zip(params, init)),
+                    "batch_spec": str(jax.tree.leaves(batch)[0].sharding.spec),
+                    "batch_devices": len(jax.tree.leaves(batch)[0].sharding.device_set)}
+    base = out.pop((1, 1))
+    task_steps[name] = {"base_losses": base["losses"], "moved": base["moved"], "meshes": {
+        str(shape): {"loss_err": float(np.abs(np.subtract(v["losses"], base["losses"])).max()),
+                     "param_err": max(float(np.abs(a - b).max()) for a, b in zip(v["params"], base["params"])),
+                     "batch_spec": v["batch_spec"], "batch_devices": v["batch_devices"]}
+        for shape, v in out.items()}}
+  res["task_steps"] = task_steps
+
   # orbax: a trained state saved from 8 devices (table over all 8), restored into 4 devices and into 1.
   mcfg8 = sharding.default_mesh_config()
   mcfg8.min_rows, mcfg8.table_axes = 256, ("data", "model")
@@ -311,6 +347,18 @@ def test_train_step_on_meshes_matches_one_device(eight, shape):
   assert r["loss_err"] < 1e-5 and r["param_err"] < 1e-5, r
   # Table and its Adam moments split by rows over 'model' (on (8, 1) one shard: the whole table).
   assert r["table_spec"] == r["mu_spec"] == "P('model', None)"
+
+
+@pytest.mark.parametrize("task", ["hinet", "seminar"])
+@pytest.mark.parametrize("shape", ["(8, 1)", "(4, 2)"])
+def test_other_tasks_steps_on_meshes_match_one_device(eight, task, shape):
+  """HiNet's step and SEMINAR's finetuning step, built by their tasks and run through the loop's
+  sharded init and pinned step, give the 1-device losses and parameters on 8 devices."""
+  r = eight["task_steps"][task]
+  assert r["moved"] > 1e-4, r  # three steps changed the parameters
+  m = r["meshes"][shape]
+  assert m["batch_spec"] == "P('data',)" and m["batch_devices"] == int(shape[1]) * int(shape[4]), m
+  assert m["loss_err"] < 1e-5 and m["param_err"] < 1e-5, m
 
 
 # --------------------------------------------------------------------------------------------------
