@@ -319,6 +319,39 @@ def test_mind_gradients_reach_S_and_history_items(mind_model):
   assert np.all(np.isfinite(np.asarray(g["user_fields"]["age_embed"]["embedding"])))
 
 
+def test_mind_user_vectors_do_not_depend_on_the_row_or_the_batch(mind_model):
+  # Evaluation encodes users in chunks with one fixed key and serving encodes one user alone: the
+  # same user (same history) must get the same vectors at any row, beside any neighbours.
+  model, params = mind_model
+  enc = jax.jit(lambda b: model.apply(params, b, TABLES, rngs={"routing": jax.random.key(7)},
+                                      method=model.encode_users)[0])
+  base = np.asarray(enc(BATCH))
+  # User 0 moved to row 1, its neighbours different users with different histories.
+  other = {"user": jnp.array([2, 0, 1]), "history": HIST[jnp.array([2, 0, 1])].at[0, 0].set(4),
+           "history_len": jnp.array([2, 8, 3]), "target": jnp.array([3, 8, 2])}
+  moved = np.asarray(enc(other))
+  np.testing.assert_allclose(moved[1], base[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(moved[2], base[1], rtol=1e-6, atol=1e-6)
+  alone = np.asarray(enc({k: v[:1] for k, v in BATCH.items()}))  # a batch of one (--mode=recommend)
+  np.testing.assert_allclose(alone[0], base[0], rtol=1e-6, atol=1e-6)
+  wider = np.asarray(enc(dict(BATCH, history=jnp.pad(HIST, ((0, 0), (0, 2))))))  # more padding columns
+  np.testing.assert_allclose(wider, base, rtol=1e-6, atol=1e-6)
+  # The layer: identical behaviours route identically for one user id, independently for two, and a
+  # new key (a new training step) redraws them.
+  layer = il.B2IRouting(K, D)
+  E, _, _ = _inputs()
+  E = jnp.asarray(np.repeat(E[:1], 2, 0))
+  ones_b, ones_k = jnp.ones((2, L), bool), jnp.ones((2, K), bool)
+  lp = layer.init(RNGS, E, ones_b, ones_k, jnp.array([4, 4]))
+  route = lambda users, k: np.asarray(layer.apply(lp, E, ones_b, ones_k, jnp.asarray(users),  # noqa: E731
+                                                  rngs={"routing": jax.random.key(k)}))
+  same, two = route([4, 4], 0), route([4, 5], 0)
+  np.testing.assert_array_equal(same[0], same[1])
+  np.testing.assert_array_equal(two[0], same[0])
+  assert not np.allclose(two[1], two[0])
+  assert not np.allclose(route([4, 4], 1)[0], same[0])
+
+
 def test_mind_routing_uses_the_routing_rng_and_config_errors_are_clear(mind_model):
   model, params = mind_model
   enc = jax.jit(lambda k: model.apply(params, BATCH, TABLES, rngs={"routing": jax.random.key(k)},

@@ -164,6 +164,22 @@ def test_repel_gradient_reaches_user_tower_and_only_it(extractor):
   assert float(off.apply(params, interests, mask, method=off.aux_loss)) == 0.0
 
 
+def test_mind_user_tower_vectors_do_not_depend_on_the_row():
+  # The MIND extractor's routing draws are keyed by user id: a user encoded at row 0 of one batch and
+  # at row 1 of another (different neighbours) gets the same interests under one fixed key.
+  data = _tiny_data()
+  model = build_model(_model_cfg(), data)
+  tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
+            "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
+  a, b = _batch(seed=0), _batch(seed=1)
+  params = model.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, a, tables)
+  moved = {k: v.at[1].set(a[k][0]) for k, v in b.items()}
+  assert int(moved["user"][0]) != int(a["user"][0])
+  enc = jax.jit(lambda batch: model.apply(params, batch, tables, method=model.encode_users,
+                                          rngs={"routing": jax.random.key(3)})[0])
+  np.testing.assert_allclose(np.asarray(enc(moved))[1], np.asarray(enc(a))[0], rtol=1e-6, atol=1e-6)
+
+
 def test_item_tower_uses_features_and_drops_unseen_ids():
   data = _tiny_data()
   model = build_model(_model_cfg(), data)

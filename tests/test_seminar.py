@@ -67,6 +67,42 @@ def test_alignment_is_symmetric_and_divides_by_tau():
   np.testing.assert_allclose(float(losses.alignment_loss(modal, tau, valid)), float(sum(pairs) / 3), rtol=1e-6)
 
 
+def test_symmetric_info_nce_masks_padded_rows_in_both_directions():
+  # Row 3 is padding (item 0's embedding in a window). It is neither an anchor nor a candidate in
+  # either direction: the b -> a direction's candidates are the valid rows of a, not a row mask.
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(5, 8)).astype(np.float32)
+  b = rng.normal(size=(5, 8)).astype(np.float32)
+  valid = np.array([True, True, True, False, True])
+  ids = np.array([7, 8, 7, 0, 9])  # rows 0 and 2 are the same object: an accidental hit
+  tau = 0.5
+
+  def ref(a, b, ids):
+    s = _cos(a, b) / tau
+    keep = np.flatnonzero(valid)
+
+    def direction(s):
+      out = []
+      for r in keep:
+        cols = [c for c in keep if c == r or ids is None or ids[c] != ids[r]]
+        out.append(-_np_log_softmax(s[r, cols])[cols.index(r)])
+      return np.mean(out)
+
+    return 0.5 * (direction(s) + direction(s.T))
+
+  for id_arg in (None, ids):
+    got = losses.symmetric_info_nce(jnp.asarray(a), jnp.asarray(b), tau, jnp.asarray(valid),
+                                    None if id_arg is None else jnp.asarray(id_arg))
+    np.testing.assert_allclose(float(got), ref(a, b, id_arg), rtol=1e-5)
+    for x in (a, b):  # editing only the padded row of either view changes nothing
+      x_saved = x[3].copy()
+      x[3] = 10.0 * rng.normal(size=8)
+      again = losses.symmetric_info_nce(jnp.asarray(a), jnp.asarray(b), tau, jnp.asarray(valid),
+                                        None if id_arg is None else jnp.asarray(id_arg))
+      np.testing.assert_allclose(float(again), float(got), rtol=1e-6)
+      x[3] = x_saved
+
+
 def test_relevance_loss_hand_value():
   # One sequence of 3 positions; position 0 and 2 are search events, position 1 is browsing.
   q = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], np.float32)  # row 1 is not a search event

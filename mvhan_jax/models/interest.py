@@ -143,8 +143,13 @@ class B2IRouting(nn.Module):
     sigma: std of the initial logits b_ij ~ N(0, sigma^2) (paper: 1).
     softmax_axis: 'interests' (paper) or 'behaviours'.
 
-  The initial logits come from ``self.make_rng('routing')``, drawn independently per example and per
-  call (pass a fixed key at evaluation for a deterministic user embedding).
+  The initial logits come from ``self.make_rng('routing')`` folded with the user id and the history
+  position: b_ij of user u at position i is the j-th of K N(0, sigma^2) draws from
+  ``fold_in(fold_in(key, u), i)``. A user's capsules are thus a function of the key, the parameters
+  and that user's history alone, not of its row, its neighbours or the padded length L: evaluation
+  (one fixed key, users in chunks) and serving (one user) agree, while training still gets fresh
+  logits at every step because the step key changes. Distinct users (and positions) get independent
+  draws; rows of the same user in one batch share theirs.
   """
 
   K: int
@@ -154,12 +159,22 @@ class B2IRouting(nn.Module):
   softmax_axis: str = "interests"
 
   @nn.compact
-  def __call__(self, behaviours: jax.Array, behaviour_mask: jax.Array, interest_mask: jax.Array) -> jax.Array:
-    """behaviours [B, L, D], behaviour_mask [B, L], interest_mask [B, K] -> capsules [B, K, D]."""
+  def __call__(self, behaviours: jax.Array, behaviour_mask: jax.Array, interest_mask: jax.Array,
+               user: jax.Array) -> jax.Array:
+    """behaviours [B, L, D], behaviour_mask [B, L], interest_mask [B, K], user int [B] -> capsules [B, K, D]."""
     check_softmax_axis(self.softmax_axis)
     S = self.param("S", nn.initializers.lecun_normal(), (self.dim, self.dim))
     B, L, _ = behaviours.shape
-    init = self.sigma * jax.random.normal(self.make_rng("routing"), (B, L, self.K), behaviours.dtype)
+    if user.shape != (B,):
+      raise ValueError(f"B2IRouting: user must be int [B] = {(B,)}, got {user.shape}")
+    key = self.make_rng("routing")
+
+    # Keyed by position too: the batch's padded length L then changes no real logit, whether or not
+    # jax_threefry_partitionable makes a [L, K] draw prefix-stable.
+    def draw(u, i):
+      return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, u), i), (self.K,), behaviours.dtype)
+
+    init = self.sigma * jax.vmap(jax.vmap(draw, (None, 0)), (0, None))(user, jnp.arange(L))  # [B, L, K]
     return b2i_routing(behaviours, behaviour_mask, interest_mask, init, S, self.iterations, self.softmax_axis)
 
 

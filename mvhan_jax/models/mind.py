@@ -9,8 +9,9 @@ trainer which one to use):
   __call__(batch, tables, train) -> (readout [B, D], target items [B, D]); creates every parameter.
 
 Routing randomness: MIND draws its initial routing logits from the 'routing' RNG stream, so ``init``
-and every ``apply`` of a MIND model need ``rngs={'routing': key}`` (a fixed key at evaluation gives a
-deterministic user embedding). The ComiRec models are deterministic and ignore that stream.
+and every ``apply`` of a MIND model need ``rngs={'routing': key}``. The draws are keyed by user id
+(``interest.B2IRouting``), so with a fixed key at evaluation a user's vectors are the same whatever
+its row or batch. The ComiRec models are deterministic and ignore that stream.
 
 Feature tables: ``tables = {'user': {name: [U, ...]}, 'item': {name: [I, ...]}}`` are passed to
 ``apply`` as constants and gathered by id, as in ``two_tower.py``. Histories are left-aligned and
@@ -163,7 +164,7 @@ class MIND(_MultiInterest):
       imask = interest_mask(history_len, self.num_interests)
     else:
       imask = jnp.ones((B, self.num_interests), bool)
-    capsules = self.routing(self.item_embedding(history, tables), bmask, imask)  # [B, K, D]
+    capsules = self.routing(self.item_embedding(history, tables), bmask, imask, batch["user"])  # [B, K, D]
     x = capsules
     if self.user_specs:
       profile = self.user_fields(_gather(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]

@@ -55,7 +55,10 @@ def symmetric_info_nce(a, b, tau: float, valid, ids=None):
     cand = cand & (ids[None, :] != ids[:, None])
   labels = jnp.arange(n)
   fwd = info_nce_from_logits(logits, labels, valid, cand)
-  bwd = info_nce_from_logits(logits.T, labels, valid, cand.T)
+  # Not cand.T: that would turn the column (candidate) validity into a row mask and let padded rows
+  # of a in as negatives. The b -> a candidates are the valid rows of a, and the id mask is
+  # symmetric, so the same mask serves both directions.
+  bwd = info_nce_from_logits(logits.T, labels, valid, cand)
   return 0.5 * (fwd + bwd)
 
 
