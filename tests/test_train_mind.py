@@ -50,7 +50,7 @@ def test_multi_interest_model_learns_and_serves(model, tmp_path):
   assert ev.evaluate(poisoned, items, user_mask=mask) == pytest.approx(results["test"], rel=1e-5)
   # --mode=recommend encodes one user alone: it must get the vectors the evaluation scored (MIND's
   # routing draws are keyed by user id, not by the row in the evaluation chunk).
-  one, one_mask = train.encode_users(exp, params, test, rows=[3])
+  one, one_mask = rtask.encode_users(exp, params, test, rows=[3])
   np.testing.assert_allclose(one[0], users[3], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one_mask[0], mask[3])
   recs = cli.recommend(exp, index, params, int(test.user[3]), 10)
