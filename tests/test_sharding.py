@@ -371,13 +371,23 @@ _MP_OVERRIDES = {"dataset.world.num_items": 1600, "total_steps": _MP_STEPS, "eva
                  "mesh.min_rows": 64}
 
 
-def _mp_command(workdir, log_dir) -> list[str]:
-  overrides = [f"--config.{k}={v}" for k, v in _MP_OVERRIDES.items()]
-  # The item table (1600 rows) split over all 4 devices of the 2 processes.
-  overrides.append("--config.mesh.table_axes=('data','model')")
+# HiNet through the same loop and launcher (2 processes x 2 devices, data parallel).
+_MP_HINET_CONFIG = "experiments/configs/hinet_synthetic.py:smoke"
+_MP_HINET_STEPS = 120
+_MP_HINET_OVERRIDES = {"total_steps": _MP_HINET_STEPS, "eval_every_steps": 60, "checkpoint_every_steps": 20,
+                       "log_every_steps": 10}
+
+
+def _mp_command(workdir, log_dir, config=_MP_CONFIG, overrides=None) -> list[str]:
+  if overrides is None:
+    overrides = [f"--config.{k}={v}" for k, v in _MP_OVERRIDES.items()]
+    # The item table (1600 rows) split over all 4 devices of the 2 processes.
+    overrides.append("--config.mesh.table_axes=('data','model')")
+  else:
+    overrides = [f"--config.{k}={v}" for k, v in overrides.items()]
   return [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes=2",
-          "--devices_per_process=2", f"--log_dir={log_dir}", "--", "-m", "mvhan_jax.main", f"--config={_MP_CONFIG}",
-          f"--workdir={workdir}", "--verbosity=0", *overrides]
+          "--devices_per_process=2", f"--log_dir={log_dir}", "--", "-m", "mvhan_jax.main", f"--config={config}",
+          f"--workdir={workdir}", "--verbosity=0", "--noplots", *overrides]
 
 
 def _mp_env(tmp_path_factory) -> dict:
@@ -403,14 +413,14 @@ def _gloo_init_failed(log_dir) -> bool:
   return any(_GLOO_INIT_FAILED in log for log in _mp_logs(log_dir))
 
 
-def _mp_run(workdir, log_dir, env, fresh: bool) -> subprocess.CompletedProcess:
+def _mp_run(workdir, log_dir, env, fresh: bool, **command) -> subprocess.CompletedProcess:
   """Launches the 2-process job to completion; relaunches (from scratch if ``fresh``) when gloo failed
   to connect."""
   for _ in range(_ATTEMPTS):
     if fresh and os.path.exists(workdir):
       shutil.rmtree(workdir)
-    proc = subprocess.run(_mp_command(workdir, log_dir), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(_mp_command(workdir, log_dir, **command), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
     if proc.returncode == 0 or not _gloo_init_failed(log_dir):
       return proc
   return proc
@@ -433,6 +443,35 @@ def _mp_experiment():
 def _finalized_checkpoints(path) -> list[int]:
   """Steps orbax has finalized (a step is written to '<step>.orbax-checkpoint-tmp-*' and renamed)."""
   return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def _mp_kill_after_checkpoint(workdir, log_dir, env, total_steps, **command) -> list[int]:
+  """Starts the 2-process job and SIGKILLs the launcher and both processes (as a preemption would)
+  once a checkpoint has landed; returns the finalized checkpoint steps, all before ``total_steps``."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  for _ in range(_ATTEMPTS):
+    shutil.rmtree(workdir, ignore_errors=True)
+    proc = subprocess.Popen(_mp_command(workdir, log_dir, **command), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not _finalized_checkpoints(ckpts):
+      time.sleep(0.02)
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    if proc.wait() == -signal.SIGKILL or not _gloo_init_failed(log_dir):
+      break
+  logs = _mp_logs(log_dir)
+  assert proc.returncode == -signal.SIGKILL, ("the job ended before it could be killed", logs[0][-3000:])
+  for _ in range(200):  # the group's processes gone before the relaunch
+    try:
+      os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.05)
+  landed = _finalized_checkpoints(ckpts)
+  assert landed and max(landed) < total_steps, landed  # killed mid-run, after a checkpoint
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  return landed
 
 
 @pytest.fixture(scope="module")
@@ -489,31 +528,8 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
   from orbax.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path / "w")
-  ckpts = os.path.join(workdir, "checkpoints")
   env = _mp_env(tmp_path_factory)
-  log_dir = tmp_path / "logs_killed"
-  for _ in range(_ATTEMPTS):
-    shutil.rmtree(workdir, ignore_errors=True)
-    proc = subprocess.Popen(_mp_command(workdir, log_dir), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not _finalized_checkpoints(ckpts):
-      time.sleep(0.02)
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes, as a preemption would
-    if proc.wait() == -signal.SIGKILL or not _gloo_init_failed(log_dir):
-      break
-  logs = _mp_logs(log_dir)
-  assert proc.returncode == -signal.SIGKILL, ("the job ended before it could be killed", logs[0][-3000:])
-  for _ in range(200):  # the group's processes gone before the relaunch
-    try:
-      os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-      break
-    time.sleep(0.05)
-  landed = _finalized_checkpoints(ckpts)
-  assert landed and max(landed) < _MP_STEPS, landed  # killed mid-run, after a checkpoint
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  landed = _mp_kill_after_checkpoint(workdir, tmp_path / "logs_killed", env, _MP_STEPS)
   logged = [r["step"] for r in read_metrics(workdir)]
 
   resumed = _mp_run(workdir, tmp_path / "logs_resumed", env, fresh=False)
@@ -539,6 +555,43 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   results = [json.loads(open(os.path.join(w, "results.json")).read()) for w in (straight, workdir)]
   assert results[0]["valid"] == results[1]["valid"] and results[0]["test"] == results[1]["test"]
+
+
+def test_two_process_hinet_killed_and_resumed_equals_uninterrupted(tmp_path_factory, tmp_path):
+  """HiNet through the one loop on 2 processes x 2 devices: an uninterrupted run, and a run SIGKILLed
+  once a checkpoint has landed then relaunched, end with bit-identical parameters, the same metrics
+  log and the same results."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import ranking  # pylint: disable=import-outside-toplevel
+
+  env = _mp_env(tmp_path_factory)
+  command = {"config": _MP_HINET_CONFIG, "overrides": _MP_HINET_OVERRIDES}
+  straight, workdir = str(tmp_path / "straight"), str(tmp_path / "killed")
+  proc = _mp_run(straight, tmp_path / "logs_straight", env, fresh=True, **command)
+  logs = _mp_logs(tmp_path / "logs_straight")
+  assert proc.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  assert all("process %d of 2, 2 local / 4 global devices" % i in log for i, log in enumerate(logs))
+  landed = _mp_kill_after_checkpoint(workdir, tmp_path / "logs_killed", env, _MP_HINET_STEPS, **command)
+  proc = _mp_run(workdir, tmp_path / "logs_resumed", env, fresh=False, **command)
+  logs = _mp_logs(tmp_path / "logs_resumed")
+  assert proc.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  assert all(f"resumed from step {max(landed)}" in log for log in logs), (landed, logs[0][-3000:])
+
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("examples_per_sec")} for r in rows]
+  assert strip(read_metrics(workdir)) == strip(read_metrics(straight))
+  cfg = load_config(_MP_HINET_CONFIG)
+  for k, v in _MP_HINET_OVERRIDES.items():
+    cfg[k] = v
+  exp = ranking.build_ranking_experiment(cfg)
+  a, step_a = ranking.restore_params(straight, exp, "latest")
+  b, step_b = ranking.restore_params(workdir, exp, "latest")
+  assert step_a == step_b == _MP_HINET_STEPS
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  results = [json.loads(open(os.path.join(w, "results.json")).read()) for w in (straight, workdir)]
+  assert results[0]["test"] == results[1]["test"] and results[0]["best_step"] == results[1]["best_step"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -1,0 +1,106 @@
+"""The one training loop (mvhan_jax/train.py) with its task plug-ins: SIGTERM saves and resumes,
+every task trains through the one CLI, and the loop's stage hooks behave as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mvhan_jax import tasks
+from mvhan_jax import train
+from mvhan_jax.configs import load_config
+from mvhan_jax.metrics_writer import read_metrics
+from mvhan_jax.tasks import ranking
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HINET = "experiments/configs/hinet_synthetic.py:smoke"
+_OVERRIDES = {"total_steps": 200, "checkpoint_every_steps": 1000, "eval_every_steps": 100, "log_every_steps": 5}
+
+
+def _config():
+  cfg = load_config(_HINET)
+  for k, v in _OVERRIDES.items():
+    cfg[k] = v
+  return cfg
+
+
+def _cli(workdir):
+  return [sys.executable, "-m", "mvhan_jax.main", f"--config={_HINET}", f"--workdir={workdir}", "--noplots"] + [
+      f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
+
+
+def test_sigterm_saves_then_the_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+  """SIGTERM (a cloud preemption notice) mid-run: the CLI saves the latest checkpoint at the step it
+  reached and exits with 143; rerunning the same command resumes there and ends with the parameters,
+  metrics log and results of a run never interrupted."""
+  straight = str(tmp_path / "straight")
+  want = train.train_and_evaluate(_config(), straight)
+
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before the signal: raise total_steps"
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 143, err[-3000:]
+  assert "SIGTERM at step" in err and "rerun the same command to resume" in err, err[-3000:]
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  # No periodic checkpoint before step 100 (evaluation) or 1000: the one there is the SIGTERM save.
+  assert saved and 5 <= saved[-1] < _OVERRIDES["total_steps"], saved
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+  rerun = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resumed from step {saved[-1]}" in rerun.stdout
+  exp = ranking.build_ranking_experiment(_config())
+  a, step_a = ranking.restore_params(straight, exp, "latest")
+  b, step_b = ranking.restore_params(workdir, exp, "latest")
+  assert step_a == step_b == _OVERRIDES["total_steps"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("examples_per_sec")} for r in rows]
+  assert strip(read_metrics(workdir)) == strip(read_metrics(straight))
+  got = json.load(open(os.path.join(workdir, "results.json")))
+  assert got["test"] == want["test"] and got["best_step"] == want["best_step"]
+
+
+def test_every_task_is_chosen_by_its_config():
+  assert tasks.task_name(load_config("experiments/configs/two_tower_ml100k.py:smoke")) == "retrieval"
+  assert tasks.task_name(load_config("experiments/configs/mvhan_ml100k.py:smoke")) == "retrieval"
+  assert tasks.task_name(load_config(_HINET)) == "ranking"
+  assert tasks.task_name(load_config("experiments/configs/seminar_synthetic.py:smoke")) == "seminar"
+  cfg = load_config(_HINET)
+  cfg.task = "rankng"
+  try:
+    tasks.task_name(cfg)
+  except ValueError as e:
+    assert "rankng" in str(e) and "ranking" in str(e)
+  else:
+    raise AssertionError("an unknown task must be refused")
+
+
+def test_early_stopping_and_best_selection_in_the_loop(tmp_path):
+  """A stage whose validation metric peaks at the second evaluation: the best checkpoint is that
+  step's, and with patience 2 the loop stops two evaluations later."""
+  cfg = _config()
+  cfg.total_steps, cfg.eval_every_steps, cfg.early_stopping_patience = 60, 10, 2
+  task = tasks.build_task(cfg)
+  stage = next(task.stages(str(tmp_path)))
+  scores = iter([0.5, 0.9, 0.7, 0.6, 0.95, 0.99])
+  stage.evaluate = lambda params, split: {"score": next(scores)}
+  stage.select_metric = "score"
+  _, meta = train.run_stage(stage, str(tmp_path))
+  assert meta["best_step"] == 20 and meta["best_metric"] == 0.9
+  assert meta["stopped_early"] and meta["final_step"] == 40
+  assert train.checkpoint_manager(tmp_path / "best", 1).latest_step() == 20
+  assert train.checkpoint_manager(tmp_path / "checkpoints", 2).latest_step() == 40
