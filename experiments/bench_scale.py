@@ -55,7 +55,7 @@ from mvhan_jax import sharding  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
 from mvhan_jax.data import synthetic  # noqa: E402
-from mvhan_jax.data.types import FeatureSpec  # noqa: E402
+from mvhan_jax.features import FeatureSpec  # noqa: E402
 from mvhan_jax.models.two_tower import TwoTower  # noqa: E402
 
 flags.DEFINE_string("world", "runs/scale/world_1e7", "A world written by experiments/gen_synthetic.py.")

@@ -37,7 +37,7 @@ from mvhan_jax import report  # noqa: E402
 from mvhan_jax import sharding  # noqa: E402
 from mvhan_jax import train  # noqa: E402
 from mvhan_jax.data import pipeline  # noqa: E402
-from mvhan_jax.data.types import FeatureSpec  # noqa: E402
+from mvhan_jax.features import FeatureSpec  # noqa: E402
 from mvhan_jax.models.two_tower import TwoTower  # noqa: E402
 
 flags.DEFINE_integer("items", 1_000_000, "Item-table rows.")

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import FeatureSpec
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -77,7 +77,7 @@ def build_experiment(config) -> Experiment:
   eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
   counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
   sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
-  model = models.build_model(config.model, data)
+  model = models.build_model(config.model, data.spec)
   tables = {
       "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},

@@ -7,7 +7,7 @@ import pytest
 
 from mvhan_jax.configs import load_config
 from mvhan_jax.data import synthetic
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import layers
 from mvhan_jax.ranking import metrics
@@ -178,13 +178,12 @@ def test_ctcvr_is_ctr_times_cvr():
 def test_every_model_builds_from_config():
   batch, tables = _tiny_batch([0, 1, 2])
 
-  class _Data:
-    user_specs, item_specs = SPECS["user_specs"], SPECS["item_specs"]
-    num_users, num_items, num_scenarios = 6, 9, 3
+  spec = DataSpec(name="tiny", num_users=6, num_items=9, user_specs=SPECS["user_specs"],
+                  item_specs=SPECS["item_specs"], scenario_names=("a", "b", "c"))
 
   for name in models.MODELS:
     cfg = load_config(f"experiments/configs/hinet_ml100k.py:model={name}").model
-    model = models.build_ranking_model(cfg, _Data)
+    model = models.build_ranking_model(cfg, spec)
     # Shapes only (tracing, no compilation): the layers' values are checked by the tests above.
     logits = jax.eval_shape(lambda b, t: model.apply(model.init(jax.random.key(0), b, t), b, t), batch, tables)
     assert logits.shape == (3, 3, 2), name

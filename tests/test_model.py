@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import FeatureSpec
 from mvhan_jax.layers import FieldEmbedding, masked_mean
 from mvhan_jax.models.two_tower import TwoTower
 

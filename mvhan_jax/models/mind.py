@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
                                        check_softmax_axis, history_mask, interest_mask, label_aware_attention)
@@ -229,12 +229,12 @@ def _power(cfg, default):
   return p if p == "hard" else float(p)
 
 
-def _common_kwargs(cfg, data: InteractionData, power, normalize: bool, item_fields: bool) -> dict:
+def _common_kwargs(cfg, spec: DataSpec, power, normalize: bool, item_fields: bool) -> dict:
   """Arguments every multi-interest model reads the same way; defaults differ per paper."""
   return dict(
-      num_items=data.num_items,
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
+      num_items=spec.num_items,
+      user_specs=spec.user_specs,
+      item_specs=spec.item_specs,
       dim=cfg.dim,
       num_interests=cfg.get("num_interests", 4),
       label_power=_power(cfg, power),
@@ -243,9 +243,9 @@ def _common_kwargs(cfg, data: InteractionData, power, normalize: bool, item_fiel
   )
 
 
-def mind_from_config(cfg, data: InteractionData) -> MIND:
+def mind_from_config(cfg, spec: DataSpec) -> MIND:
   return MIND(
-      **_common_kwargs(cfg, data, power=1.0, normalize=True, item_fields=True),
+      **_common_kwargs(cfg, spec, power=1.0, normalize=True, item_fields=True),
       hidden=tuple(cfg.get("hidden", (256,))),
       routing_iterations=cfg.get("routing_iterations", 3),
       routing_sigma=cfg.get("routing_sigma", 1.0),
@@ -255,16 +255,16 @@ def mind_from_config(cfg, data: InteractionData) -> MIND:
   )
 
 
-def _comirec_kwargs(cfg, data: InteractionData) -> dict:
-  return dict(**_common_kwargs(cfg, data, power="hard", normalize=False, item_fields=False), maxlen=cfg.maxlen)
+def _comirec_kwargs(cfg, spec: DataSpec) -> dict:
+  return dict(**_common_kwargs(cfg, spec, power="hard", normalize=False, item_fields=False), maxlen=cfg.maxlen)
 
 
-def comirec_dr_from_config(cfg, data: InteractionData) -> ComiRecDR:
-  return ComiRecDR(routing_iterations=cfg.get("routing_iterations", 3), **_comirec_kwargs(cfg, data))
+def comirec_dr_from_config(cfg, spec: DataSpec) -> ComiRecDR:
+  return ComiRecDR(routing_iterations=cfg.get("routing_iterations", 3), **_comirec_kwargs(cfg, spec))
 
 
-def comirec_sa_from_config(cfg, data: InteractionData) -> ComiRecSA:
-  return ComiRecSA(**_comirec_kwargs(cfg, data))
+def comirec_sa_from_config(cfg, spec: DataSpec) -> ComiRecSA:
+  return ComiRecSA(**_comirec_kwargs(cfg, spec))
 
 
 MODELS = {

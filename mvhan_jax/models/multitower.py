@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding
 from mvhan_jax.models import mind
 from mvhan_jax.models.interest import label_aware_attention
@@ -265,7 +265,7 @@ def _check(cfg, field, value, allowed):
     raise ValueError(f"model.{field}={value!r} is unknown: use one of {allowed}")
 
 
-def from_config(cfg, data: InteractionData) -> MultiTower:
+def from_config(cfg, spec: DataSpec) -> MultiTower:
   """``config.model``: extractor (+ that extractor's own fields, see ``mind.py``), item_hidden,
   item_id, drop_unseen_ids, id_dropout, training, score, lse_temperature, repel, repel_weight,
   repel_margin, repel_temperature."""
@@ -282,9 +282,9 @@ def from_config(cfg, data: InteractionData) -> MultiTower:
   user_cfg.name = extractor
   user_cfg.normalize = True
   user_cfg.label_power = "hard"
-  user_tower = mind.MODELS[extractor](user_cfg, data)
+  user_tower = mind.MODELS[extractor](user_cfg, spec)
   item_tower = ItemTower(
-      num_items=data.num_items, item_specs=data.item_specs, dim=cfg.dim,
+      num_items=spec.num_items, item_specs=spec.item_specs, dim=cfg.dim,
       hidden=tuple(cfg.get("item_hidden", (256,))), use_id=cfg.get("item_id", True),
       drop_unseen_ids=cfg.get("drop_unseen_ids", True), id_dropout=cfg.get("id_dropout", 0.0))
   return MultiTower(

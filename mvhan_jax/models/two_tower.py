@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
 
 
@@ -96,11 +96,11 @@ class TwoTower(nn.Module):
     return self.encode_users(batch, tables, train), self.encode_items(batch["target"], tables, train)
 
 
-def from_config(cfg, data: InteractionData) -> TwoTower:
+def from_config(cfg, spec: DataSpec) -> TwoTower:
   return TwoTower(
-      num_items=data.num_items,
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
+      num_items=spec.num_items,
+      user_specs=spec.user_specs,
+      item_specs=spec.item_specs,
       dim=cfg.dim,
       hidden=tuple(cfg.hidden),
       pooling=cfg.pooling,

@@ -45,6 +45,7 @@ scenario could reach at best, so the gap to 'true' is what scenario-specific mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Mapping
 
@@ -52,7 +53,8 @@ import numpy as np
 
 from mvhan_jax.data import protocol
 from mvhan_jax.data import synthetic_gen
-from mvhan_jax.data.types import FeatureSpec, InteractionData, feature_specs
+from mvhan_jax import features
+from mvhan_jax.data.types import InteractionData
 
 SPLITS = ("train", "valid", "test")
 
@@ -86,13 +88,11 @@ class RankingData:
   def num_scenarios(self) -> int:
     return len(self.scenario_names)
 
-  @property
-  def user_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.user_features, self.vocab)
-
-  @property
-  def item_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.item_features, self.vocab)
+  @functools.cached_property
+  def spec(self) -> features.DataSpec:
+    """What ranking models are built from (`mvhan_jax.features.DataSpec`, with the scenario names)."""
+    return features.data_spec(self.name, self.num_users, self.num_items, self.user_features,
+                              self.item_features, self.vocab, scenario_names=tuple(self.scenario_names))
 
   def summary(self) -> dict[str, dict[str, list[float]]]:
     """Per split: impressions, clicks and ctcvr positives per scenario."""

@@ -63,7 +63,7 @@ class RankingExperiment:
 
 def build_ranking_experiment(config, data: ranking_data.RankingData | None = None) -> RankingExperiment:
   data = data if data is not None else ranking_data.load_ranking_data(config)
-  model = models.build_ranking_model(config.model, data)
+  model = models.build_ranking_model(config.model, data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
   return RankingExperiment(config, data, model, tables)
