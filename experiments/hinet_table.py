@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 from mvhan_jax import report  # noqa: E402
 from mvhan_jax.configs import load_config  # noqa: E402
+from mvhan_jax.ranking import candidates  # noqa: E402
 from mvhan_jax.ranking import data as ranking_data  # noqa: E402
 from mvhan_jax.ranking import train as ranking_train  # noqa: E402
 
@@ -108,7 +109,7 @@ def _verdict(rows: dict[str, list[dict]], scenarios, sparse) -> str:
 
 def write_dataset(dataset: str) -> None:
   cfg0 = _config(dataset, "model=hinet", 0)
-  data = ranking_data.load_ranking_data(cfg0)
+  data = ranking_data.load_ranking_data(cfg0, candidates.negative_pool(cfg0))
   scenarios = data.scenario_names
   sparse = scenarios[1:]
   cache: dict = {}

@@ -8,6 +8,7 @@ import pytest
 from mvhan_jax.configs import load_config
 from mvhan_jax.data import synthetic
 from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.ranking import candidates
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import layers
 from mvhan_jax.ranking import metrics
@@ -288,6 +289,24 @@ def test_pool_negatives_have_no_future_leak():
     s = d.splits[split]
     items = s["item"][(s["click"] == 0) & (s["user"] == 0)]
     assert len(items) == 1 and items[0] >= 5
+
+
+def test_retrieval_negatives_come_from_the_caller(tmp_path):
+  # ranking.data loads no model: the retrieval pool is computed by ranking.candidates and passed in.
+  hard = load_config("experiments/configs/hinet_ml100k.py:negatives=retrieval")
+  hard.dataset.retrieval_workdir = str(tmp_path / "untrained")
+  with pytest.raises(ValueError, match=r"negative_pool=mvhan_jax\.ranking\.candidates\.negative_pool"):
+    ranking_data.load_ranking_data(hard)
+  with pytest.raises(FileNotFoundError, match="retrieval_workdir"):
+    candidates.negative_pool(hard)
+  popularity = load_config("experiments/configs/hinet_ml100k.py")
+  assert candidates.negative_pool(popularity) is None
+  with pytest.raises(ValueError, match="pass no negative_pool"):
+    ranking_data.load_ranking_data(popularity, lambda users, history, history_len: None)
+  popularity.dataset.negatives = "hardest"
+  for load in (candidates.negative_pool, ranking_data.load_ranking_data):
+    with pytest.raises(ValueError, match="config.dataset.negatives='hardest'"):
+      load(popularity)
 
 
 @pytest.fixture(scope="module")

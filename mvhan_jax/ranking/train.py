@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
+from mvhan_jax.ranking import candidates
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import metrics as ranking_metrics
 from mvhan_jax.ranking import models
@@ -62,7 +63,7 @@ class RankingExperiment:
 
 
 def build_ranking_experiment(config, data: ranking_data.RankingData | None = None) -> RankingExperiment:
-  data = data if data is not None else ranking_data.load_ranking_data(config)
+  data = data if data is not None else ranking_data.load_ranking_data(config, candidates.negative_pool(config))
   model = models.build_ranking_model(config.model, data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
