@@ -26,14 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from mvhan_jax.features import DataSpec, FeatureSpec
-from mvhan_jax.layers import MLP, FieldEmbedding
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
                                        check_softmax_axis, history_mask, interest_mask, label_aware_attention)
-from mvhan_jax.models.two_tower import _gather
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 def _check_power(power):
@@ -76,7 +71,7 @@ class _MultiInterest(nn.Module):
       self.item_field_embed = FieldEmbedding(self.item_specs, self.dim)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return _l2(x) if self.normalize else x
+    return l2_normalize(x) if self.normalize else x
 
   def item_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
     """Un-normalised item embedding of ids of any shape [...] -> [..., D] (used for behaviours too).
@@ -95,7 +90,7 @@ class _MultiInterest(nn.Module):
   def _embed_rows(self, flat: jax.Array, tables) -> jax.Array:
     emb = self.item_id_embed(flat)
     if self.item_fields and self.item_specs:
-      tokens = self.item_field_embed(_gather(tables["item"], flat))  # [N, F, D]
+      tokens = self.item_field_embed(gather_rows(tables["item"], flat))  # [N, F, D]
       emb = (emb + jnp.sum(tokens, axis=1)) / (1 + tokens.shape[1])
     return emb
 
@@ -166,7 +161,7 @@ class MIND(_MultiInterest):
     capsules = self.routing(self.item_embedding(history, tables), bmask, imask)  # [B, K, D]
     x = capsules
     if self.user_specs:
-      profile = self.user_fields(_gather(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
+      profile = self.user_fields(gather_rows(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
       x = jnp.concatenate([capsules, jnp.broadcast_to(profile, (B, self.num_interests, profile.shape[-1]))], -1)
     v = self._out(self.user_mlp(x, train=train))
     # The MLP maps a dead (zero) capsule to a non-zero vector: zero it so it can never be retrieved.

@@ -52,15 +52,10 @@ import jax
 import jax.numpy as jnp
 
 from mvhan_jax.features import DataSpec, FeatureSpec
-from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
-from mvhan_jax.models.two_tower import _gather
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
 
 TYPE_FIELD = "type"
 _INIT = nn.initializers.normal(0.05)
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 def _per_type(module_cls, num_types: int, methods=("__call__",)):
@@ -276,7 +271,7 @@ class MVHAN(nn.Module):
     return tuple(s for s in self.item_specs if s.name != TYPE_FIELD)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return _l2(x) if self.normalize else x
+    return l2_normalize(x) if self.normalize else x
 
   def type_index(self, item_ids: jax.Array, tables) -> jax.Array:
     """0-based type of items of any shape [...]: type t in 1..T -> t-1; unknown (0) -> 0 (type 1)."""
@@ -309,7 +304,7 @@ class MVHAN(nn.Module):
     live = jnp.arange(L)[None, :] < history_len[:, None]  # [B, L]
     fixed = [self.user_id_embed(batch["user"])[:, None, :]]
     if self.user_specs:
-      fixed.append(self.user_fields(_gather(tables["user"], batch["user"])))  # [B, Fu, D]
+      fixed.append(self.user_fields(gather_rows(tables["user"], batch["user"])))  # [B, Fu, D]
     fixed.append(masked_mean(self.behaviour_embedding(history, tables), live)[:, None, :])
     fixed = jnp.concatenate(fixed, axis=1)
     tokens, mask = fixed, jnp.ones(fixed.shape[:2], bool)
@@ -328,7 +323,7 @@ class MVHAN(nn.Module):
     item_ids int [N] -> [N, D].
     """
     type_idx = self.type_index(item_ids, tables)  # [N]
-    features = _gather(tables["item"], item_ids)
+    features = gather_rows(tables["item"], item_ids)
     tokens = self.content_embed(item_ids, features)  # [N, F, D], or [T, N, F, D] if exclusive
     if not self.share_embeddings:
       tokens = _select(tokens, type_idx)

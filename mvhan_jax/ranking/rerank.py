@@ -51,7 +51,9 @@ def rank_candidates(rank_exp: ranking_train.RankingExperiment, params, users, hi
 def candidate_auc(positions: np.ndarray, num_candidates: int) -> float:
   """Mean over users of the AUC of the target against the other candidates (one positive, N - 1
   negatives: (N - 1 - position) / (N - 1)), for users whose target is among the candidates."""
-  return float(np.mean((num_candidates - 1 - positions) / (num_candidates - 1))) if len(positions) else float("nan")
+  if not len(positions):
+    return float("nan")
+  return float(np.mean(evaluation.target_auc(positions, num_candidates - 1)))
 
 
 def rerank(candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
