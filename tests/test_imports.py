@@ -139,23 +139,42 @@ def _reachable(graph, start: str) -> dict[str, str]:
   return via
 
 
-# The modules that define models: they take a `mvhan_jax.features.DataSpec`, never a dataset.
-MODEL_MODULES = ("mvhan_jax.models", "mvhan_jax.ranking.models", "mvhan_jax.seminar.model")
-
-
-@pytest.mark.parametrize("package", MODEL_MODULES)
-def test_models_do_not_import_the_data_package(package):
-  graph = _graph()
+def _violations(graph, sources, forbidden) -> dict[str, str]:
+  """For each module of ``sources`` that reaches a ``forbidden`` one: the import chain to it."""
   bad = {}
-  for name in graph:
-    if name != package and not name.startswith(package + "."):
+  for name in sorted(graph):
+    if not sources(name):
       continue
     via = _reachable(graph, name)
     for dep in sorted(via):
-      if dep == "mvhan_jax.data" or dep.startswith("mvhan_jax.data."):
+      if forbidden(dep):
         chain = [dep]
         while chain[-1] != name:
           chain.append(via[chain[-1]])
         bad[name] = " -> ".join(chain[::-1])
         break
+  return bad
+
+
+def _in(*packages):
+  return lambda name: any(name == p or name.startswith(p + ".") for p in packages)
+
+
+# The modules that define models: they take a `mvhan_jax.features.DataSpec`, never a dataset.
+MODEL_MODULES = ("mvhan_jax.models", "mvhan_jax.ranking.models", "mvhan_jax.seminar.model")
+DATA_MODULES = ("mvhan_jax.data", "mvhan_jax.ranking.data", "mvhan_jax.seminar.data")
+# Trainers, entry points and whatever loads a trained model.
+RUNNERS = ("mvhan_jax.train", "mvhan_jax.main", "mvhan_jax.ranking.train", "mvhan_jax.ranking.main",
+           "mvhan_jax.ranking.rerank", "mvhan_jax.ranking.candidates", "mvhan_jax.seminar.train",
+           "mvhan_jax.seminar.main")
+
+
+@pytest.mark.parametrize("package", MODEL_MODULES)
+def test_models_do_not_import_the_data_package(package):
+  bad = _violations(_graph(), _in(package), _in("mvhan_jax.data"))
   assert not bad, f"model modules depend on the data package (take a features.DataSpec instead): {bad}"
+
+
+def test_data_modules_import_no_model_and_no_trainer():
+  bad = _violations(_graph(), _in(*DATA_MODULES), _in(*MODEL_MODULES, *RUNNERS))
+  assert not bad, f"data modules depend on models or trainers (pass what they need as arguments): {bad}"
