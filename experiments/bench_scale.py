@@ -53,7 +53,7 @@ from mvhan_jax import train
 from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.data import pipeline
 from mvhan_jax.data import synthetic
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import FeatureSpec
 from mvhan_jax.models.two_tower import TwoTower
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -109,7 +109,7 @@ def bench_table_size(rows: int, optimizer: str, steps: int = 20, batch_size: int
   import ml_collections  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mvhan_jax import losses  # pylint: disable=import-outside-toplevel
-  from mvhan_jax.data.types import FeatureSpec  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.features import FeatureSpec  # pylint: disable=import-outside-toplevel
   from mvhan_jax.models.two_tower import TwoTower  # pylint: disable=import-outside-toplevel
   model = TwoTower(num_items=rows, user_specs=(FeatureSpec("bucket", "categorical", 8),),
                    item_specs=(FeatureSpec("genre", "categorical", 20),), dim=64, hidden=(128,))

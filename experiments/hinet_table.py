@@ -18,11 +18,13 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.tasks import ranking as ranking_train
 from mvhan_jax import train as train_loop
+from mvhan_jax.ranking import candidates
 
 flags.DEFINE_list("datasets", ["synthetic", "ml100k"], "Which tables: ml100k, synthetic.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per model.")
@@ -71,7 +73,7 @@ def _run_rows(dataset: str, rows: dict[str, str], data, cache: dict) -> dict[str
       if key not in cache:
         cfg = _config(dataset, args, seed)
         workdir = os.path.join(FLAGS.workdir_root, dataset, args.replace(",", "_").replace("=", "-"), f"seed{seed}")
-        cache[key] = train_loop.train_and_evaluate(cfg, workdir, data=data)
+        cache[key] = tasks.train_and_evaluate(cfg, workdir, data=data)
         print(f"{dataset} {name} seed {seed}: CTR AUC {cache[key]['test']['ctr/AUC/all']:.4f}", flush=True)
       out[name].append(cache[key])
   return out
@@ -98,7 +100,7 @@ def _verdict(rows: dict[str, list[dict]], scenarios, sparse) -> str:
 
 def write_dataset(dataset: str) -> None:
   cfg0 = _config(dataset, "model=hinet", 0)
-  data = ranking_data.load_ranking_data(cfg0)
+  data = ranking_data.load_ranking_data(cfg0, candidates.negative_pool(cfg0))
   scenarios = data.scenario_names
   sparse = scenarios[1:]
   cache: dict = {}

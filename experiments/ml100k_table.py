@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import report
@@ -61,7 +62,7 @@ def main(argv):
       # --override names the workdir too: a finished workdir is reused whatever its config was.
       tag = "_" + "_".join(FLAGS.override).replace("=", "-").replace("/", "_") if FLAGS.override else ""
       workdir = os.path.join(FLAGS.workdir_root, spec.replace("/", "_").replace(":", "_") + tag, f"seed{seed}")
-      results = train.train_and_evaluate(cfg, workdir)
+      results = tasks.train_and_evaluate(cfg, workdir)
       rows[name].append({**results["test"], "ANN recall@50": results["index"]["ann_recall@50"]})
       print(f"{name} seed {seed}: {rows[name][-1]}", flush=True)
   pop = popularity(rtask.build_experiment(

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import losses
@@ -155,7 +156,7 @@ def run_section(name: str, seeds, timing) -> dict[str, list[dict]]:
       if FLAGS.cached_only:
         continue
       t0 = time.time()
-      res = dict(train.train_and_evaluate(cfg, workdir)["test"])
+      res = dict(tasks.train_and_evaluate(cfg, workdir)["test"])
       exp = rtask.build_experiment(cfg)
       params, _ = rtask.restore_params(workdir, exp)
       test = exp.eval_sets["test"]

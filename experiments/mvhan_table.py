@@ -28,6 +28,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
 from mvhan_jax import train
@@ -62,7 +63,7 @@ def run(args: str, seed: int) -> dict[str, float]:
   cfg.progress = False
   cfg.index.build = False
   workdir = os.path.join(FLAGS.workdir_root, FLAGS.dataset, args.replace(",", "_").replace("=", "-"), f"seed{seed}")
-  return train.train_and_evaluate(cfg, workdir)["test"], cfg
+  return tasks.train_and_evaluate(cfg, workdir)["test"], cfg
 
 
 def main(argv):

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mvhan_jax import tasks
 from mvhan_jax import report
 
 from mvhan_jax.configs import load_config
@@ -49,7 +50,7 @@ def _ranker(config_arg: str, workdir: str):
     cfg.dataset.retrieval_workdir = FLAGS.retrieval_workdir
     cfg.dataset.pool_size = FLAGS.candidates
   if not os.path.exists(os.path.join(workdir, "results.json")):
-    train_loop.train_and_evaluate(cfg, workdir)
+    tasks.train_and_evaluate(cfg, workdir)
   with open(os.path.join(workdir, "results.json")) as f:
     return cfg, json.load(f)
 
@@ -60,7 +61,7 @@ def main(argv):
   rcfg = load_config(FLAGS.retrieval_config)
   rcfg.progress = False
   if not os.path.exists(os.path.join(FLAGS.retrieval_workdir, "results.json")):
-    train_loop.train_and_evaluate(rcfg, FLAGS.retrieval_workdir)
+    tasks.train_and_evaluate(rcfg, FLAGS.retrieval_workdir)
   with open(os.path.join(FLAGS.retrieval_workdir, "results.json")) as f:
     retrieval_results = json.load(f)
   rankers, own = {}, {}

@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
 from mvhan_jax.seminar import data as sdata
@@ -105,7 +106,7 @@ def _cached_or_run(cfg, workdir, data):
       res = json.load(f)
     if same and all(a in res.get("test_by_attention", {}) for a in cfg.eval.extra_attentions):
       return res
-  return train_loop.train_and_evaluate(cfg, workdir, data=data)
+  return tasks.train_and_evaluate(cfg, workdir, data=data)
 
 
 def main(argv):

@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import report
@@ -78,7 +79,7 @@ def main(argv):
       cfg.index.build = False
       workdir = os.path.join(FLAGS.workdir_root, arg.replace(",", "_").replace("=", "-"), f"seed{seed}")
       t0 = time.time()
-      res = train.train_and_evaluate(cfg, workdir)["test"]
+      res = tasks.train_and_evaluate(cfg, workdir)["test"]
       exp = rtask.build_experiment(cfg)
       params, _ = rtask.restore_params(workdir, exp)
       world = synthetic.generate_world(synthetic.WorldConfig(**cfg.dataset.world.to_dict()))

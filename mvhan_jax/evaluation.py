@@ -26,7 +26,7 @@ function compiles once per (chunk sizes, K, D, k, E).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +139,27 @@ def _pad_rows(x: np.ndarray, rows: int, fill) -> np.ndarray:
     return x
   pad = np.full((rows - x.shape[0],) + x.shape[1:], fill, dtype=x.dtype)
   return np.concatenate([x, pad], axis=0)
+
+
+def chunked_apply(fn: Callable[[Any], Any], n: int, size: int, make_batch: Callable[[int, int], Any]) -> Any:
+  """``fn`` over rows ``0..n-1`` in chunks of exactly ``size`` rows, outputs concatenated on host.
+
+  For each ``start`` in ``range(0, n, size)``, ``stop = min(start + size, n)``:
+  ``out = fn(make_batch(start, stop))``, where ``make_batch`` returns the rows ``start:stop`` padded
+  to ``size`` rows however the caller likes (a fill value, or wrapping ids ``np.arange(start,
+  start + size) % n``), so that a jitted ``fn`` sees one shape and compiles once. ``out`` is an array
+  or a pytree of arrays whose leading axis is that chunk's ``size`` rows; the padding rows are
+  dropped. Returns the same pytree of NumPy arrays with leading axis ``n``.
+
+  ``size``: rows per call; ``min(chunk, n)`` avoids padding an input smaller than one chunk.
+  """
+  if n < 1 or size < 1:
+    raise ValueError(f"chunked_apply needs n >= 1 rows and size >= 1, got n={n}, size={size}")
+  parts = []
+  for start in range(0, n, size):
+    stop = min(start + size, n)
+    parts.append(jax.tree.map(lambda x, k=stop - start: np.asarray(x)[:k], fn(make_batch(start, stop))))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 # ---------------------------------------------------------------------------
@@ -304,18 +325,13 @@ def exact_topk(
   qc = min(query_chunk, num_queries)
   width = _exclusion_width(indptr)
 
-  out_s = np.empty((num_queries, k), np.float32)
-  out_i = np.empty((num_queries, k), np.int32)
-  for start in range(0, num_queries, qc):
-    stop = min(start + qc, num_queries)
-    s, i = _topk_chunk(
-        jnp.asarray(_pad_rows(queries[start:stop], qc, 0.0)),
-        jnp.asarray(_pad_rows(query_mask[start:stop], qc, False)),
-        jnp.asarray(_padded_exclusions(indptr, indices, start, stop, qc, width)),
-        item_chunks, k=k, num_items=num_items)
-    out_s[start:stop] = np.asarray(s)[:stop - start]
-    out_i[start:stop] = np.asarray(i)[:stop - start]
-  return out_s, out_i
+  def chunk(start, stop):
+    return (_pad_rows(queries[start:stop], qc, 0.0), _pad_rows(query_mask[start:stop], qc, False),
+            _padded_exclusions(indptr, indices, start, stop, qc, width))
+
+  scores, ids = chunked_apply(lambda b: _topk_chunk(*map(jnp.asarray, b), item_chunks, k=k, num_items=num_items),
+                              num_queries, qc, chunk)
+  return scores.astype(np.float32, copy=False), ids.astype(np.int32, copy=False)
 
 
 def target_ranks(
@@ -378,22 +394,59 @@ def target_ranks(
   qc = min(query_chunk, num_queries)
   width = _exclusion_width(indptr)
 
-  ranks = np.empty((num_queries,), np.int32)
-  for start in range(0, num_queries, qc):
-    stop = min(start + qc, num_queries)
+  def chunk(start, stop):
     t = _pad_rows(targets[start:stop], qc, 0)
-    r = _rank_chunk(
-        jnp.asarray(_pad_rows(queries[start:stop], qc, 0.0)),
-        jnp.asarray(_pad_rows(query_mask[start:stop], qc, False)),
-        jnp.asarray(_padded_exclusions(indptr, indices, start, stop, qc, width)),
-        jnp.asarray(items[t]), jnp.asarray(t), item_chunks, num_items=num_items)
-    ranks[start:stop] = np.asarray(r)[:stop - start]
-  return ranks
+    return (_pad_rows(queries[start:stop], qc, 0.0), _pad_rows(query_mask[start:stop], qc, False),
+            _padded_exclusions(indptr, indices, start, stop, qc, width), items[t], t)
+
+  ranks = chunked_apply(lambda b: _rank_chunk(*map(jnp.asarray, b), item_chunks, num_items=num_items),
+                        num_queries, qc, chunk)
+  return ranks.astype(np.int32, copy=False)
 
 
 # ---------------------------------------------------------------------------
 # Metrics (NumPy).
 # ---------------------------------------------------------------------------
+
+
+def _wins(num_ge, num_gt, num_negatives):
+  """Mann-Whitney count of a positive: negatives scored below it plus half the tied ones,
+  n - (#>= + #>) / 2 (exact in float64: half-integers)."""
+  return num_negatives - 0.5 * (num_ge + num_gt)
+
+
+def target_auc(num_ge, num_negatives, num_gt=None) -> np.ndarray:
+  """AUC [Q] of one positive (a row's target) against ``num_negatives`` [Q] other candidates.
+
+  ``num_ge`` [Q]: candidates scored >= the target (its pessimistic 0-based rank, as `target_ranks`
+  returns); ``num_gt`` [Q]: candidates scored strictly above it. Ties count half:
+  AUC = (#below + #tied / 2) / n = (n - (num_ge + num_gt) / 2) / n, the ROC AUC of the row (a
+  constant scorer gets 0.5). ``num_gt=None``: every tie counts as above the target, AUC = 1 -
+  num_ge / n (pessimistic, all a rank alone can give). NaN where n = 0.
+  """
+  num_ge = np.asarray(num_ge)
+  num_gt = num_ge if num_gt is None else np.asarray(num_gt)
+  n = np.asarray(num_negatives).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(n > 0, _wins(num_ge, num_gt, n) / n, np.nan)
+
+
+def auc(labels, scores) -> float:
+  """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)); ties count 1/2; NaN if one class.
+
+  Every positive contributes its `target_auc` count against all negatives.
+  """
+  labels = np.asarray(labels).astype(bool)
+  scores = np.asarray(scores, np.float64)
+  n_pos = int(labels.sum())
+  n_neg = len(labels) - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  neg = np.sort(scores[~labels])
+  pos = scores[labels]
+  num_ge = n_neg - np.searchsorted(neg, pos, side="left")
+  num_gt = n_neg - np.searchsorted(neg, pos, side="right")
+  return float(np.sum(_wins(num_ge, num_gt, n_neg)) / (n_pos * n_neg))
 
 
 def leave_one_out_per_user(ranks, ks: Sequence[int] = (10, 50)) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Layers shared by every model: field embeddings, pooling, MLPs."""
+"""Layers shared by every model: field embeddings, pooling, MLPs, row gathers, L2 normalisation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import FeatureSpec
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """``x / max(|x|, eps)`` along the last axis.
+
+  The norm is taken as rsqrt(max(|x|^2, eps^2)), not max(|x|, eps): the gradient of |x| at an
+  all-zero row (a dead interest, a padded row) is NaN, and NaN * 0 is still NaN.
+  """
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def gather_rows(table: dict[str, jax.Array], ids: jax.Array) -> dict[str, jax.Array]:
+  """Rows ``ids`` of every array of a feature table (name -> [N, ...]): name -> [ids.shape, ...]."""
+  return {name: jnp.take(arr, ids, axis=0) for name, arr in table.items()}
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

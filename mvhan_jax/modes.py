@@ -26,15 +26,16 @@ def run(mode: str, config, workdir, *, user: int | None = None, top_n: int = 10,
   if mode in ("index", "recommend") and name != "retrieval":
     raise ValueError(f"--mode={mode} serves a retrieval model from its ScaNN index; config.task={name!r} "
                      "has none: use --mode=train, eval or plots")
+  task = tasks.build_task(config)
   if mode == "train":
-    results = train.train_and_evaluate(config, workdir)
+    results = train.train_and_evaluate(task, workdir)
     if results is None:
       return None
     if jax.process_count() > 1:  # the other modes are single-host reads of the workdir
       if jax.process_index() == 0:
         print(_title(config, results))
+        print(task.format_results(results))
       return results
-  task = tasks.build_task(config)
   if mode == "train" or mode == "eval":
     if mode == "eval":
       tree, step = task.restore_best(workdir)

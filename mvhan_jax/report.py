@@ -10,21 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-
-def mean_std_table(rows: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]) -> str:
-  """A markdown table. ``rows``: model name -> one metrics dict per seed (in order)."""
-  lines = ["| model | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
-  for name, runs in rows.items():
-    cells = []
-    for m in metrics:
-      vals = np.array([r[m] for r in runs], np.float64)
-      if np.all(np.isnan(vals)):  # a metric that does not apply to this model
-        cells.append("n/a")
-        continue
-      # ddof=1: the spread of the seeds as a sample; one seed has no spread to show.
-      cells.append(f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}" if len(vals) > 1 else f"{vals.mean():.4f}")
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
-  return "\n".join(lines)
+from mvhan_jax.tables import mean_std_table  # noqa: F401  (the table scripts' entry point)
 
 
 def write_markdown(path: str, text: str) -> None:

@@ -367,21 +367,19 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
   return state, meta
 
 
-def train_and_evaluate(config, workdir, **task_kwargs) -> dict[str, Any] | None:
-  """Trains every stage of ``config``'s task (resuming from ``workdir``), evaluates the best
-  checkpoint on the validation and test splits and finishes the run (index, codebooks).
+def train_and_evaluate(task, workdir) -> dict[str, Any] | None:
+  """Trains every stage of ``task`` (a `mvhan_jax.tasks` plug-in; resuming from ``workdir``),
+  then lets it finish the run: the best checkpoint on the validation and test splits, the index.
 
   Returns the results (also written to ``<workdir>/results.json``), or None when
-  ``config.stop_at_step`` stopped a stage early (a test hook). ``task_kwargs`` go to the task
-  (e.g. ``data=`` a dataset already loaded for this config, as table scripts reuse one).
+  ``config.stop_at_step`` stopped a stage early (a test hook). `mvhan_jax.tasks.train_and_evaluate`
+  builds the task from a config and calls this.
   """
-  from mvhan_jax import tasks  # pylint: disable=import-outside-toplevel
   is_main = jax.process_index() == 0
   workdir = wd.path(workdir)
-  task = tasks.build_task(config, **task_kwargs)
   if is_main:
     wd.makedirs(workdir)
-    wd.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    wd.write_text(workdir / "config.json", task.config.to_json_best_effort(indent=2))
   metas = {}
   for stage in task.stages(workdir):
     _, meta = run_stage(stage, workdir)

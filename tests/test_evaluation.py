@@ -224,6 +224,42 @@ def test_target_in_exclusions_raises():
 # ---------------------------------------------------------------------------
 
 
+def test_chunked_apply_pads_each_call_and_trims_the_output():
+  calls = []
+
+  def fn(batch):
+    calls.append(batch.shape)
+    return {"double": 2 * batch, "sum": batch.sum(1)}
+
+  x = np.arange(14).reshape(7, 2)
+  wrap = lambda s, e: x[np.arange(s, s + 3) % 7]  # wrapping ids, as the trainers pad
+  out = ev.chunked_apply(fn, 7, 3, wrap)
+  assert calls == [(3, 2)] * 3  # one shape for every call: one compile
+  np.testing.assert_array_equal(out["double"], 2 * x)
+  np.testing.assert_array_equal(out["sum"], x.sum(1))
+  fill = lambda s, e: np.concatenate([x[s:e], np.full((3 - (e - s), 2), -1)])
+  np.testing.assert_array_equal(ev.chunked_apply(lambda b: b, 7, 3, fill), x)  # tuple-free output
+  with pytest.raises(ValueError, match="n >= 1"):
+    ev.chunked_apply(fn, 0, 3, wrap)
+
+
+def test_auc_forms_agree_and_ties_count_as_asked():
+  # One positive (score 0.5) against candidates [0.9, 0.5, 0.5, 0.1]: 1 above, 2 tied, 1 below.
+  scores = np.array([0.9, 0.5, 0.5, 0.1])
+  ge, gt = np.array([(scores >= 0.5).sum()]), np.array([(scores > 0.5).sum()])
+  np.testing.assert_allclose(ev.target_auc(ge, [4], gt), [(1 + 2 / 2) / 4])     # ties half (ROC AUC)
+  np.testing.assert_allclose(ev.target_auc(ge, [4]), [1 / 4])                    # ties as losses
+  assert ev.auc([1, 0, 0, 0, 0], np.concatenate([[0.5], scores])) == pytest.approx(0.5)
+  assert np.isnan(ev.target_auc([0], [0])[0]) and np.isnan(ev.auc([1, 1], [0.1, 0.2]))
+  # The general AUC equals the mean of per-positive target AUCs (one count per positive).
+  rng = np.random.default_rng(0)
+  lab, sc = rng.random(300) < 0.3, rng.integers(0, 5, 300).astype(float)
+  neg = sc[~lab]
+  per = ev.target_auc([(neg >= p).sum() for p in sc[lab]], np.full(lab.sum(), len(neg)),
+                      [(neg > p).sum() for p in sc[lab]])
+  assert ev.auc(lab, sc) == pytest.approx(per.mean(), abs=1e-12)
+
+
 @dataclasses.dataclass
 class _EvalSet:
   user: np.ndarray

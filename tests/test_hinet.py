@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax.configs import load_config
 from mvhan_jax.data import synthetic
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.ranking import candidates
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import layers
 from mvhan_jax.ranking import metrics
@@ -179,13 +181,12 @@ def test_ctcvr_is_ctr_times_cvr():
 def test_every_model_builds_from_config():
   batch, tables = _tiny_batch([0, 1, 2])
 
-  class _Data:
-    user_specs, item_specs = SPECS["user_specs"], SPECS["item_specs"]
-    num_users, num_items, num_scenarios = 6, 9, 3
+  spec = DataSpec(name="tiny", num_users=6, num_items=9, user_specs=SPECS["user_specs"],
+                  item_specs=SPECS["item_specs"], scenario_names=("a", "b", "c"))
 
   for name in models.MODELS:
     cfg = load_config(f"experiments/configs/hinet_ml100k.py:model={name}").model
-    model = models.build_ranking_model(cfg, _Data)
+    model = models.build_ranking_model(cfg, spec)
     # Shapes only (tracing, no compilation): the layers' values are checked by the tests above.
     logits = jax.eval_shape(lambda b, t: model.apply(model.init(jax.random.key(0), b, t), b, t), batch, tables)
     assert logits.shape == (3, 3, 2), name
@@ -292,6 +293,24 @@ def test_pool_negatives_have_no_future_leak():
     assert len(items) == 1 and items[0] >= 5
 
 
+def test_retrieval_negatives_come_from_the_caller(tmp_path):
+  # ranking.data loads no model: the retrieval pool is computed by ranking.candidates and passed in.
+  hard = load_config("experiments/configs/hinet_ml100k.py:negatives=retrieval")
+  hard.dataset.retrieval_workdir = str(tmp_path / "untrained")
+  with pytest.raises(ValueError, match=r"negative_pool=mvhan_jax\.ranking\.candidates\.negative_pool"):
+    ranking_data.load_ranking_data(hard)
+  with pytest.raises(FileNotFoundError, match="retrieval_workdir"):
+    candidates.negative_pool(hard)
+  popularity = load_config("experiments/configs/hinet_ml100k.py")
+  assert candidates.negative_pool(popularity) is None
+  with pytest.raises(ValueError, match="pass no negative_pool"):
+    ranking_data.load_ranking_data(popularity, lambda users, history, history_len: None)
+  popularity.dataset.negatives = "hardest"
+  for load in (candidates.negative_pool, ranking_data.load_ranking_data):
+    with pytest.raises(ValueError, match="config.dataset.negatives='hardest'"):
+      load(popularity)
+
+
 @pytest.fixture(scope="module")
 def movielens_smoke():
   cfg = load_config("experiments/configs/hinet_ml100k.py:smoke")
@@ -319,15 +338,15 @@ def test_movielens_ranking_split_has_no_future_leak(movielens_smoke):
 
 def test_training_learns_and_resumes_exactly(movielens_smoke, tmp_path):
   cfg, data = movielens_smoke
-  full = train_loop.train_and_evaluate(cfg, str(tmp_path / "full"), data=data)
+  full = tasks.train_and_evaluate(cfg, str(tmp_path / "full"), data=data)
   # Real MovieLens, 240 steps: both tasks well above chance on the held-out test items.
   assert full["test"]["ctr/AUC/all"] > 0.6 and full["test"]["ctcvr/AUC/all"] > 0.6
   assert full["test"]["ctr/GAUC/all"] > 0.6
 
   cut = cfg.copy_and_resolve_references()
   cut.stop_at_step = 120
-  assert train_loop.train_and_evaluate(cut, str(tmp_path / "cut"), data=data) is None
-  resumed = train_loop.train_and_evaluate(cfg, str(tmp_path / "cut"), data=data)
+  assert tasks.train_and_evaluate(cut, str(tmp_path / "cut"), data=data) is None
+  resumed = tasks.train_and_evaluate(cfg, str(tmp_path / "cut"), data=data)
   exp = ranking_train.build_ranking_experiment(cfg, data)
   a, _ = ranking_train.restore_params(str(tmp_path / "full"), exp, "latest")
   b, _ = ranking_train.restore_params(str(tmp_path / "cut"), exp, "latest")

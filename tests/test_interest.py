@@ -241,7 +241,7 @@ def _build(name, K):
   cfg = _cfg("mind" if name == "mind1" else name, num_interests=K)
   if name.startswith("comirec"):
     del cfg["label_power"]  # ComiRec's default readout is 'hard'
-  model = mind.MODELS[cfg.name](cfg, _data())
+  model = mind.MODELS[cfg.name](cfg, _data().spec)
   return model, jax.jit(model.init)(RNGS, BATCH, TABLES)
 
 
@@ -360,6 +360,6 @@ def test_mind_routing_uses_the_routing_rng_and_config_errors_are_clear(mind_mode
   assert not np.allclose(enc(7)[0], enc(8)[0])
   # Bad config values fail at construction / init with the field named.
   with pytest.raises(ValueError, match="model.softmax_axis"):
-    mind.MODELS["mind"](_cfg("mind", softmax_axis="rows"), _data()).init(RNGS, BATCH, TABLES)
+    mind.MODELS["mind"](_cfg("mind", softmax_axis="rows"), _data().spec).init(RNGS, BATCH, TABLES)
   with pytest.raises(ValueError, match="model.label_power"):
-    mind.MODELS["mind"](_cfg("mind", label_power="soft"), _data())
+    mind.MODELS["mind"](_cfg("mind", label_power="soft"), _data().spec)

@@ -41,7 +41,7 @@ def test_sigterm_saves_then_the_rerun_resumes_to_the_uninterrupted_result(tmp_pa
   reached and exits with 143; rerunning the same command resumes there and ends with the parameters,
   metrics log and results of a run never interrupted."""
   straight = str(tmp_path / "straight")
-  want = train.train_and_evaluate(_config(), straight)
+  want = tasks.train_and_evaluate(_config(), straight)
 
   workdir = str(tmp_path / "preempted")
   proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

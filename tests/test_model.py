@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvhan_jax.data.types import FeatureSpec
-from mvhan_jax.layers import FieldEmbedding, masked_mean
+from mvhan_jax.features import FeatureSpec
+from mvhan_jax.layers import FieldEmbedding, gather_rows, l2_normalize, masked_mean
 from mvhan_jax.models.two_tower import TwoTower
 
 USER_SPECS = (FeatureSpec("age", "categorical", 5), FeatureSpec("tags", "multi", 6))
@@ -22,6 +22,20 @@ BATCH = {"user": jnp.array([0, 2]), "history": jnp.array([[1, 2, 3, 0], [4, 0, 0
 
 def _model(**kw):
   return TwoTower(num_items=5, user_specs=USER_SPECS, item_specs=ITEM_SPECS, dim=8, hidden=(16,), maxlen=4, **kw)
+
+
+def test_l2_normalize_unit_rows_and_finite_gradient_at_zero():
+  x = jnp.array([[3.0, 4.0], [0.0, 0.0], [3e-7, 4e-7]])
+  y = l2_normalize(x)
+  np.testing.assert_allclose(np.asarray(y), [[0.6, 0.8], [0.0, 0.0], [0.3, 0.4]], rtol=1e-5)  # |x| < eps: x / eps
+  g = jax.grad(lambda v: l2_normalize(v).sum())(x)
+  assert np.isfinite(np.asarray(g)).all()  # a dead (all-zero) row must not poison the gradient
+
+
+def test_gather_rows_takes_rows_of_every_field():
+  out = gather_rows(TABLES["item"], jnp.array([[4, 1]]))
+  assert out["genres"].shape == (1, 2, 2) and out["vec"].shape == (1, 2, 3)
+  np.testing.assert_array_equal(np.asarray(out["genres"][0, 1]), [2, 3])
 
 
 def test_masked_mean_ignores_padding():

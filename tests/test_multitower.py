@@ -140,7 +140,7 @@ def _batch(B=4, L=6, num_items=30, seed=0):
 @pytest.mark.parametrize("extractor", ["mind", "comirec_sa"])
 def test_repel_gradient_reaches_user_tower_and_only_it(extractor):
   data = _tiny_data()
-  model = build_model(_model_cfg(extractor=extractor), data)
+  model = build_model(_model_cfg(extractor=extractor), data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
   batch = _batch()
@@ -159,7 +159,7 @@ def test_repel_gradient_reaches_user_tower_and_only_it(extractor):
   assert np.isfinite(user_norm) and user_norm > 0
   assert item_norm == 0.0
   # Switched off, the regulariser is exactly zero.
-  off = build_model(_model_cfg(extractor=extractor, repel="none"), data)
+  off = build_model(_model_cfg(extractor=extractor, repel="none"), data.spec)
   interests, mask = off.apply(params, batch, tables, method=off.encode_users, rngs={"routing": jax.random.key(3)})
   assert float(off.apply(params, interests, mask, method=off.aux_loss)) == 0.0
 
@@ -182,7 +182,7 @@ def test_mind_user_tower_vectors_do_not_depend_on_the_row():
 
 def test_item_tower_uses_features_and_drops_unseen_ids():
   data = _tiny_data()
-  model = build_model(_model_cfg(), data)
+  model = build_model(_model_cfg(), data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
   params = model.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, _batch(), tables)
@@ -226,4 +226,4 @@ def test_unknown_choices_name_the_config_field():
   data = _tiny_data()
   for field, value in (("extractor", "gru"), ("training", "soft"), ("score", "mean"), ("repel", "push")):
     with pytest.raises(ValueError, match=f"model.{field}"):
-      build_model(_model_cfg(**{field: value}), data)
+      build_model(_model_cfg(**{field: value}), data.spec)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
+from mvhan_jax.data.types import InteractionData
+from mvhan_jax.features import FeatureSpec
 from mvhan_jax.models.mvhan import (MODELS, MVDNN, MVHAN, AttentionBlock, from_config, mv_dnn_from_config,
                                    recent_behaviours)
 
@@ -282,16 +283,16 @@ def _cfg(**kw):
 
 def test_from_config_reads_num_types_and_builds_mv_dnn():
   assert MODELS == {"mvhan": from_config, "mv_dnn": mv_dnn_from_config}
-  model = from_config(_cfg(share_fel=False, interaction="mlp"), _data())
+  model = from_config(_cfg(share_fel=False, interaction="mlp"), _data().spec)
   assert isinstance(model, MVHAN) and model.num_types == T and not model.share_fel
   assert model.interaction == "mlp" and model.share_embeddings and model.fel_layers == 2
   with pytest.raises(ValueError, match="'type'"):
-    from_config(_cfg(), _data(with_type=False))
+    from_config(_cfg(), _data(with_type=False).spec)
   with pytest.raises(ValueError, match="model.num_heads"):
-    _shapes(from_config(_cfg(num_heads=3), _data()))
+    _shapes(from_config(_cfg(num_heads=3), _data().spec))
   with pytest.raises(ValueError, match="model.interaction"):
-    _shapes(from_config(_cfg(interaction="gru"), _data()))
-  dnn = mv_dnn_from_config(_cfg(), _data())
+    _shapes(from_config(_cfg(interaction="gru"), _data().spec))
+  dnn = mv_dnn_from_config(_cfg(), _data().spec)
   assert isinstance(dnn, MVDNN)
   params = _shapes(dnn)["params"]
   assert "content_fel" not in params and "user_fel" not in params  # fel_layers=0: no FEL parameters

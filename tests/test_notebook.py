@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax import report
 from mvhan_jax import retrieval
 from mvhan_jax.configs import load_config
@@ -187,7 +188,7 @@ def test_cli_and_notebook_on_a_tiny_mvhan_run(tmp_path):
   cfg.eval_every_steps = 30
   cfg.checkpoint_every_steps = 30
   cfg.tensorboard = False
-  results = train.train_and_evaluate(cfg, workdir)
+  results = tasks.train_and_evaluate(cfg, workdir)
   _check_cli_figures(workdir, results)
   os.remove(os.path.join(workdir, "plots", "hr_curves.png"))
   _check_notebook(workdir, str(tmp_path))

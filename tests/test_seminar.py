@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax.configs import load_config
 from mvhan_jax.models import pq
 from mvhan_jax.seminar import data as sdata
@@ -348,7 +349,7 @@ def test_killed_run_resumes_to_identical_state(tmp_path):
       node = node[p]
     node[k.split(".")[-1]] = v
   straight = str(tmp_path / "straight")
-  want = train_loop.train_and_evaluate(cfg, straight)
+  want = tasks.train_and_evaluate(cfg, straight)
 
   killed = str(tmp_path / "killed")
   args = [sys.executable, "-m", "mvhan_jax.main", f"--config=experiments/configs/seminar_synthetic.py:{arg}",
@@ -358,7 +359,7 @@ def test_killed_run_resumes_to_identical_state(tmp_path):
   _run_until_killed(args, killed, "checkpoints", 20)   # resumes pretraining, killed in finetuning
   assert 40 in _finished_steps(os.path.join(killed, "psu", "checkpoints"))
   assert max(_finished_steps(os.path.join(killed, "checkpoints"))) < 60, "killed too late: raise train steps"
-  got = train_loop.train_and_evaluate(cfg, killed)
+  got = tasks.train_and_evaluate(cfg, killed)
 
   exp = strain.build_experiment(cfg)
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)

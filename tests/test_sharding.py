@@ -80,7 +80,7 @@ def _worker(out_path: str, ckpt_dir: str) -> None:
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
   from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from mvhan_jax.data.types import FeatureSpec  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.features import FeatureSpec  # pylint: disable=import-outside-toplevel
   from mvhan_jax.models.two_tower import TwoTower  # pylint: disable=import-outside-toplevel
 
   assert jax.device_count() == 8, jax.devices()

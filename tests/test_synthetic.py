@@ -286,7 +286,7 @@ def test_to_interaction_data_views(world):
   full = world.to_interaction_data()
   assert isinstance(full, InteractionData) and full.num_items == cfg.num_items
   assert len(full.user) == world.events["click"].sum()
-  kinds = {s.name: s.kind for s in full.item_specs}
+  kinds = {s.name: s.kind for s in full.spec.item_specs}
   assert kinds["type"] == "categorical" and kinds["tags"] == "multi" and kinds["text"] == "dense"
   np.testing.assert_array_equal(full.item_features["type"], world.item_type + 1)
 

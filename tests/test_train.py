@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
@@ -37,7 +38,7 @@ def _config(**overrides):
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke"))
   cfg = _config()
-  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+  return cfg, workdir, tasks.train_and_evaluate(cfg, workdir)
 
 
 def test_smoke_run_learns(smoke_run):
@@ -80,7 +81,7 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
   overrides = {"total_steps": 300, "checkpoint_every_steps": 20, "eval_every_steps": 100, "log_every_steps": 20}
   cfg = _config(**overrides)
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(cfg, straight)
+  tasks.train_and_evaluate(cfg, straight)
 
   killed = str(tmp_path / "killed")
   args = [sys.executable, "-m", "mvhan_jax.main", f"--config={CONFIG}:smoke", f"--workdir={killed}"]
@@ -95,7 +96,7 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
       break
     time.sleep(0.02)
   assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed: raise total_steps"
-  resumed = train.train_and_evaluate(cfg, killed)
+  resumed = tasks.train_and_evaluate(cfg, killed)
 
   exp = rtask.build_experiment(cfg)
   a, _ = rtask.restore_params(straight, exp, "latest")
@@ -112,21 +113,21 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
 
 def test_bad_config_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="loss.sampler"):
-    train.train_and_evaluate(_config(**{"loss.sampler": "zipfian"}), str(tmp_path))
+    tasks.train_and_evaluate(_config(**{"loss.sampler": "zipfian"}), str(tmp_path))
   with pytest.raises(ValueError, match="config.batch_size"):
-    train.train_and_evaluate(_config(batch_size=10**7), str(tmp_path))
+    tasks.train_and_evaluate(_config(batch_size=10**7), str(tmp_path))
 
 
 def test_early_stopping_stops_when_validation_stalls(tmp_path):
   # lr = 0 freezes the parameters, so validation never improves after the first evaluation.
   cfg = _config(**{"optimizer.lr": 0.0, "eval_every_steps": 20, "early_stopping_patience": 2, "index.build": False})
-  results = train.train_and_evaluate(cfg, str(tmp_path))
+  results = tasks.train_and_evaluate(cfg, str(tmp_path))
   assert results["stopped_early"] and results["final_step"] == 60 and results["best_step"] == 20
 
 
 def test_in_batch_negatives_learn(tmp_path):
   cfg = _config(**{"loss.kind": "in_batch", "index.build": False})
-  results = train.train_and_evaluate(cfg, str(tmp_path))
+  results = tasks.train_and_evaluate(cfg, str(tmp_path))
   losses = [r["train/loss"] for r in read_metrics(str(tmp_path)) if "train/loss" in r]
   assert losses[-1] < losses[0] - 0.3, losses
   assert results["valid"]["HR@50"] > 0.10

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax import evaluation
 from mvhan_jax import main as cli
 from mvhan_jax import retrieval
@@ -22,7 +23,7 @@ def _config(arg):
 @pytest.mark.parametrize("model", ["mind", "comirec_sa"])
 def test_multi_interest_model_learns_and_serves(model, tmp_path):
   cfg = _config(f"model={model},smoke")
-  results = train.train_and_evaluate(cfg, str(tmp_path))
+  results = tasks.train_and_evaluate(cfg, str(tmp_path))
   losses = [r["train/loss"] for r in read_metrics(str(tmp_path)) if "train/loss" in r]
   assert losses[-1] < losses[0] - 0.2, losses
   assert results["valid"]["HR@50"] > 0.12  # random: 0.03

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from mvhan_jax import tasks
 from mvhan_jax import train
 
 from mvhan_jax.tasks import retrieval as rtask
@@ -81,7 +82,7 @@ def test_per_type_negatives_need_a_schedule_and_content_types():
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mvhan_smoke"))
   cfg = _config("smoke,typed,learn_temperature")
-  results = train.train_and_evaluate(cfg, workdir)
+  results = tasks.train_and_evaluate(cfg, workdir)
   return workdir, results
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from mvhan_jax import tasks
 from mvhan_jax import evaluation
 from mvhan_jax import train
 from mvhan_jax.tasks import retrieval as rtask
@@ -12,7 +13,7 @@ from mvhan_jax.configs import load_config
 def test_two_tower_beats_popularity_on_a_synthetic_world(tmp_path):
   cfg = load_config("experiments/configs/two_tower_synthetic.py:smoke")
   cfg.index.build = False
-  results = train.train_and_evaluate(cfg, str(tmp_path))
+  results = tasks.train_and_evaluate(cfg, str(tmp_path))
 
   exp = rtask.build_experiment(cfg)
   counts = np.bincount(np.concatenate(exp.split.train_sequences), minlength=exp.data.num_items).astype(np.float32)

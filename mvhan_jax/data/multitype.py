@@ -401,16 +401,6 @@ def typed_eval_sets(eval_set, item_type: np.ndarray, restrict: bool = False) -> 
   return out
 
 
-def _auc(ranks, ranks_above, num_candidates) -> np.ndarray:
-  """AUC [Q] from the >= count, the > count and the number of candidates besides the target.
-
-  AUC = (#below + #tied / 2) / n = (n - (ranks + ranks_above) / 2) / n, NaN where n = 0.
-  """
-  n = num_candidates.astype(np.float64)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(n > 0, (n - 0.5 * (ranks + ranks_above)) / n, np.nan)
-
-
 class TypedEvaluator:
   """Leave-one-out metrics per content type, ranking restricted to the target's type, plus AUC.
 
@@ -494,7 +484,7 @@ class TypedEvaluator:
                        "not hold for a max over interests): use auc_ties='pessimistic'")
     ge, gt, n = self._ranks(users, items, self._full, user_mask)
     out = {"type": self.row_type, "rank": ge,
-           "auc": _auc(ge, ge if gt is None else gt, n),
+           "auc": evaluation.target_auc(ge, n, gt),
            "typed_rank": np.zeros_like(ge), "typed_auc": np.full(ge.shape, np.nan)}
     for t, (rows, members, sub) in self._typed.items():
       if not len(rows):
@@ -502,7 +492,7 @@ class TypedEvaluator:
       mask = None if user_mask is None else np.asarray(user_mask)[rows]
       tge, tgt, tn = self._ranks(users[rows], items[members], sub, mask)
       out["typed_rank"][rows] = tge
-      out["typed_auc"][rows] = _auc(tge, tge if tgt is None else tgt, tn)
+      out["typed_auc"][rows] = evaluation.target_auc(tge, tn, tgt)
     return out
 
   def evaluate(self, user_vectors, item_vectors, user_mask=None) -> dict[str, float]:

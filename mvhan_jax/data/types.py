@@ -7,7 +7,8 @@ Conventions (all datasets follow them, so models need no per-dataset code):
   * multi-valued ``int32 [N, M]``  values in ``[0, vocab)``; value 0 is padding, pooled by a
     masked mean (an all-padding row pools to zeros).
   * dense        ``float32 [N, F]`` a fixed vector (e.g. a pretrained text vector).
-  The kind is read off the dtype and rank; ``vocab`` holds the size of every integer feature.
+  The kind is read off the dtype and rank (`mvhan_jax.features.feature_specs`); ``vocab`` holds the
+  size of every integer feature.
 - Interactions are parallel arrays ``user``, ``item``, ``timestamp`` (and optional ``rating``);
   every row is one implicit interaction.
 """
@@ -15,42 +16,12 @@ Conventions (all datasets follow them, so models need no per-dataset code):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class FeatureSpec:
-  """How a model embeds one feature: ``kind`` in {'categorical', 'multi', 'dense'}."""
-
-  name: str
-  kind: str
-  size: int  # vocab size for categorical/multi, vector width for dense
-
-
-def feature_specs(features: Mapping[str, np.ndarray], vocab: Mapping[str, int]) -> tuple[FeatureSpec, ...]:
-  """Reads each feature's kind off its dtype and rank (see the module docstring)."""
-  specs = []
-  for name, arr in features.items():
-    arr = np.asarray(arr)
-    if np.issubdtype(arr.dtype, np.floating):
-      if arr.ndim != 2:
-        raise ValueError(f"dense feature {name!r} must be float [N, F], got shape {arr.shape}")
-      specs.append(FeatureSpec(name, "dense", int(arr.shape[1])))
-    elif np.issubdtype(arr.dtype, np.integer):
-      if name not in vocab:
-        raise ValueError(f"integer feature {name!r} has no vocab size: add vocab[{name!r}]")
-      if arr.ndim not in (1, 2):
-        raise ValueError(f"integer feature {name!r} must be [N] or [N, M], got shape {arr.shape}")
-      if arr.size and (arr.min() < 0 or arr.max() >= vocab[name]):
-        raise ValueError(
-            f"feature {name!r} has values in [{arr.min()}, {arr.max()}] outside [0, {vocab[name]}): "
-            "fix the vocab size or the ids")
-      specs.append(FeatureSpec(name, "categorical" if arr.ndim == 1 else "multi", int(vocab[name])))
-    else:
-      raise ValueError(f"feature {name!r} has unsupported dtype {arr.dtype}: use int32 or float32")
-  return tuple(specs)
+from mvhan_jax import features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +55,10 @@ class InteractionData:
     for name, arr in self.item_features.items():
       if len(arr) != self.num_items:
         raise ValueError(f"item feature {name!r} has {len(arr)} rows, expected num_items={self.num_items}")
-    feature_specs(self.user_features, self.vocab)
-    feature_specs(self.item_features, self.vocab)
+    _ = self.spec  # validates every feature against the conventions (kinds, vocab ranges)
 
-  @property
-  def user_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.user_features, self.vocab)
-
-  @property
-  def item_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.item_features, self.vocab)
+  @functools.cached_property
+  def spec(self) -> features.DataSpec:
+    """What models are built from (`mvhan_jax.features.DataSpec`)."""
+    return features.data_spec(self.name, self.num_users, self.num_items, self.user_features,
+                              self.item_features, self.vocab)

@@ -1,9 +1,10 @@
-"""Model registry: ``config.model.name`` -> a constructor taking (model_config, dataset)."""
+"""Model registry: ``config.model.name`` -> a constructor taking (model_config, `features.DataSpec`)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+from mvhan_jax.features import DataSpec
 from mvhan_jax.models import mind
 from mvhan_jax.models import mvhan
 from mvhan_jax.models import multitower
@@ -17,8 +18,9 @@ MODELS: dict[str, Callable] = {
 }
 
 
-def build_model(model_config, data):
+def build_model(model_config, spec: DataSpec):
+  """``spec``: the dataset's `DataSpec` (``data.spec``)."""
   name = model_config.name
   if name not in MODELS:
     raise ValueError(f"config.model.name={name!r} is unknown: choose one of {sorted(MODELS)}")
-  return MODELS[name](model_config, data)
+  return MODELS[name](model_config, spec)

@@ -26,15 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
-from mvhan_jax.layers import MLP, FieldEmbedding
+from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
                                        check_softmax_axis, history_mask, interest_mask, label_aware_attention)
-from mvhan_jax.models.two_tower import _gather
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 def _check_power(power):
@@ -77,7 +72,7 @@ class _MultiInterest(nn.Module):
       self.item_field_embed = FieldEmbedding(self.item_specs, self.dim)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return _l2(x) if self.normalize else x
+    return l2_normalize(x) if self.normalize else x
 
   def item_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
     """Un-normalised item embedding of ids of any shape [...] -> [..., D] (used for behaviours too).
@@ -96,7 +91,7 @@ class _MultiInterest(nn.Module):
   def _embed_rows(self, flat: jax.Array, tables) -> jax.Array:
     emb = self.item_id_embed(flat)
     if self.item_fields and self.item_specs:
-      tokens = self.item_field_embed(_gather(tables["item"], flat))  # [N, F, D]
+      tokens = self.item_field_embed(gather_rows(tables["item"], flat))  # [N, F, D]
       emb = (emb + jnp.sum(tokens, axis=1)) / (1 + tokens.shape[1])
     return emb
 
@@ -167,7 +162,7 @@ class MIND(_MultiInterest):
     capsules = self.routing(self.item_embedding(history, tables), bmask, imask, batch["user"])  # [B, K, D]
     x = capsules
     if self.user_specs:
-      profile = self.user_fields(_gather(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
+      profile = self.user_fields(gather_rows(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
       x = jnp.concatenate([capsules, jnp.broadcast_to(profile, (B, self.num_interests, profile.shape[-1]))], -1)
     v = self._out(self.user_mlp(x, train=train))
     # The MLP maps a dead (zero) capsule to a non-zero vector: zero it so it can never be retrieved.
@@ -230,12 +225,12 @@ def _power(cfg, default):
   return p if p == "hard" else float(p)
 
 
-def _common_kwargs(cfg, data: InteractionData, power, normalize: bool, item_fields: bool) -> dict:
+def _common_kwargs(cfg, spec: DataSpec, power, normalize: bool, item_fields: bool) -> dict:
   """Arguments every multi-interest model reads the same way; defaults differ per paper."""
   return dict(
-      num_items=data.num_items,
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
+      num_items=spec.num_items,
+      user_specs=spec.user_specs,
+      item_specs=spec.item_specs,
       dim=cfg.dim,
       num_interests=cfg.get("num_interests", 4),
       label_power=_power(cfg, power),
@@ -244,9 +239,9 @@ def _common_kwargs(cfg, data: InteractionData, power, normalize: bool, item_fiel
   )
 
 
-def mind_from_config(cfg, data: InteractionData) -> MIND:
+def mind_from_config(cfg, spec: DataSpec) -> MIND:
   return MIND(
-      **_common_kwargs(cfg, data, power=1.0, normalize=True, item_fields=True),
+      **_common_kwargs(cfg, spec, power=1.0, normalize=True, item_fields=True),
       hidden=tuple(cfg.get("hidden", (256,))),
       routing_iterations=cfg.get("routing_iterations", 3),
       routing_sigma=cfg.get("routing_sigma", 1.0),
@@ -256,16 +251,16 @@ def mind_from_config(cfg, data: InteractionData) -> MIND:
   )
 
 
-def _comirec_kwargs(cfg, data: InteractionData) -> dict:
-  return dict(**_common_kwargs(cfg, data, power="hard", normalize=False, item_fields=False), maxlen=cfg.maxlen)
+def _comirec_kwargs(cfg, spec: DataSpec) -> dict:
+  return dict(**_common_kwargs(cfg, spec, power="hard", normalize=False, item_fields=False), maxlen=cfg.maxlen)
 
 
-def comirec_dr_from_config(cfg, data: InteractionData) -> ComiRecDR:
-  return ComiRecDR(routing_iterations=cfg.get("routing_iterations", 3), **_comirec_kwargs(cfg, data))
+def comirec_dr_from_config(cfg, spec: DataSpec) -> ComiRecDR:
+  return ComiRecDR(routing_iterations=cfg.get("routing_iterations", 3), **_comirec_kwargs(cfg, spec))
 
 
-def comirec_sa_from_config(cfg, data: InteractionData) -> ComiRecSA:
-  return ComiRecSA(**_comirec_kwargs(cfg, data))
+def comirec_sa_from_config(cfg, spec: DataSpec) -> ComiRecSA:
+  return ComiRecSA(**_comirec_kwargs(cfg, spec))
 
 
 MODELS = {

@@ -58,11 +58,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
-from mvhan_jax.layers import MLP, FieldEmbedding
+from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
 from mvhan_jax.models import mind
 from mvhan_jax.models.interest import label_aware_attention
-from mvhan_jax.models.two_tower import _gather
 
 KNOWN_ITEMS_KEY = "_known_item"  # optional tables['item'] entry, float [I]: 1 = seen in training
 EXTRACTORS = ("mind", "comirec_sa", "comirec_dr")
@@ -70,12 +69,6 @@ TRAININGS = ("serve", "argmax")
 SCORES = ("max", "lse")
 REPELS = ("none", "hinge", "infonce")
 _NEG = -1e9
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  # The norm is taken of max(|x|^2, eps^2), not max(|x|, eps): the gradient of |x| at a dead
-  # (all-zero) interest is NaN, and NaN * 0 is still NaN.
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def interest_scores(interests: jax.Array, mask: jax.Array, cand: jax.Array, score: str = "max",
@@ -104,7 +97,7 @@ def interest_scores(interests: jax.Array, mask: jax.Array, cand: jax.Array, scor
 
 def pairwise_cosine(interests: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos(v^k, v^l) [B, K, K] and the bool [B, K, K] mask of live pairs k < l."""
-  v = _l2(interests)
+  v = l2_normalize(interests)
   cos = jnp.einsum("bkd,bld->bkl", v, v)
   K = interests.shape[1]
   upper = jnp.triu(jnp.ones((K, K), bool), k=1)
@@ -122,7 +115,7 @@ def repel_infonce(interests: jax.Array, mask: jax.Array, temperature: float = 0.
   """R5 'infonce': mean over live k of log(1 + sum_{l != k live} exp((cos_kl - 1) / tau)), mean over
   users; each interest is the positive of its own softmax and the user's other interests are its
   negatives. [B, K, D], [B, K] -> []."""
-  v = _l2(interests)
+  v = l2_normalize(interests)
   cos = jnp.einsum("bkd,bld->bkl", v, v)
   K = interests.shape[1]
   others = mask[:, :, None] & mask[:, None, :] & ~jnp.eye(K, dtype=bool)[None]
@@ -186,13 +179,13 @@ class ItemTower(nn.Module):
       parts.append(emb * keep[:, None])
     if self.item_specs:
       specs = [s for s in self.item_specs if s.name != KNOWN_ITEMS_KEY]
-      tokens = FieldEmbedding(specs, self.dim, name="fields")(_gather(
+      tokens = FieldEmbedding(specs, self.dim, name="fields")(gather_rows(
           {s.name: tables["item"][s.name] for s in specs}, item_ids))
       parts.append(tokens.reshape(tokens.shape[0], -1))
     if not parts:
       raise ValueError("model.item_id=False needs item side features: the dataset has none")
     x = MLP(self.hidden, self.dim, name="mlp")(jnp.concatenate(parts, axis=-1), train=train)
-    return _l2(x)
+    return l2_normalize(x)
 
 
 class MultiTower(nn.Module):
@@ -231,7 +224,7 @@ class MultiTower(nn.Module):
     """batch: 'user' [B], 'history' [B, L], 'history_len' [B] -> (interests [B, K, D], mask [B, K])."""
     interests, mask = self.user_tower.encode_users(batch, tables, train)
     # ComiRec towers may run un-normalised; the multi-tower score is always a cosine (R1).
-    return _l2(interests) * mask[..., None], mask
+    return l2_normalize(interests) * mask[..., None], mask
 
   def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
     """item_ids int [N] -> [N, D], the only vectors that are indexed (R2)."""
@@ -265,7 +258,7 @@ def _check(cfg, field, value, allowed):
     raise ValueError(f"model.{field}={value!r} is unknown: use one of {allowed}")
 
 
-def from_config(cfg, data: InteractionData) -> MultiTower:
+def from_config(cfg, spec: DataSpec) -> MultiTower:
   """``config.model``: extractor (+ that extractor's own fields, see ``mind.py``), item_hidden,
   item_id, drop_unseen_ids, id_dropout, training, score, lse_temperature, repel, repel_weight,
   repel_margin, repel_temperature."""
@@ -282,9 +275,9 @@ def from_config(cfg, data: InteractionData) -> MultiTower:
   user_cfg.name = extractor
   user_cfg.normalize = True
   user_cfg.label_power = "hard"
-  user_tower = mind.MODELS[extractor](user_cfg, data)
+  user_tower = mind.MODELS[extractor](user_cfg, spec)
   item_tower = ItemTower(
-      num_items=data.num_items, item_specs=data.item_specs, dim=cfg.dim,
+      num_items=spec.num_items, item_specs=spec.item_specs, dim=cfg.dim,
       hidden=tuple(cfg.get("item_hidden", (256,))), use_id=cfg.get("item_id", True),
       drop_unseen_ids=cfg.get("drop_unseen_ids", True), id_dropout=cfg.get("id_dropout", 0.0))
   return MultiTower(

@@ -51,16 +51,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
-from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
-from mvhan_jax.models.two_tower import _gather
+from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
 
 TYPE_FIELD = "type"
 _INIT = nn.initializers.normal(0.05)
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 def _per_type(module_cls, num_types: int, methods=("__call__",)):
@@ -276,7 +271,7 @@ class MVHAN(nn.Module):
     return tuple(s for s in self.item_specs if s.name != TYPE_FIELD)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return _l2(x) if self.normalize else x
+    return l2_normalize(x) if self.normalize else x
 
   def type_index(self, item_ids: jax.Array, tables) -> jax.Array:
     """0-based type of items of any shape [...]: type t in 1..T -> t-1; unknown (0) -> 0 (type 1)."""
@@ -309,7 +304,7 @@ class MVHAN(nn.Module):
     live = jnp.arange(L)[None, :] < history_len[:, None]  # [B, L]
     fixed = [self.user_id_embed(batch["user"])[:, None, :]]
     if self.user_specs:
-      fixed.append(self.user_fields(_gather(tables["user"], batch["user"])))  # [B, Fu, D]
+      fixed.append(self.user_fields(gather_rows(tables["user"], batch["user"])))  # [B, Fu, D]
     fixed.append(masked_mean(self.behaviour_embedding(history, tables), live)[:, None, :])
     fixed = jnp.concatenate(fixed, axis=1)
     tokens, mask = fixed, jnp.ones(fixed.shape[:2], bool)
@@ -328,7 +323,7 @@ class MVHAN(nn.Module):
     item_ids int [N] -> [N, D].
     """
     type_idx = self.type_index(item_ids, tables)  # [N]
-    features = _gather(tables["item"], item_ids)
+    features = gather_rows(tables["item"], item_ids)
     tokens = self.content_embed(item_ids, features)  # [N, F, D], or [T, N, F, D] if exclusive
     if not self.share_embeddings:
       tokens = _select(tokens, type_idx)
@@ -348,26 +343,26 @@ class MVHAN(nn.Module):
     return self.encode_users(batch, tables, train), self.encode_items(batch["target"], tables, train)
 
 
-def _num_types(data: InteractionData) -> int:
-  if TYPE_FIELD not in data.item_features:
-    raise ValueError(f"dataset {data.name!r} has no item feature {TYPE_FIELD!r}: MV-HAN / MV-DNN need a "
+def _num_types(spec: DataSpec) -> int:
+  type_spec = spec.item_spec(TYPE_FIELD)
+  if type_spec is None:
+    raise ValueError(f"dataset {spec.name!r} has no item feature {TYPE_FIELD!r}: MV-HAN / MV-DNN need a "
                      "content type per item (int32 [I], values 1..T); use a multi-type dataset or a "
                      "single-type model such as two_tower")
-  spec = next(s for s in data.item_specs if s.name == TYPE_FIELD)
-  if spec.kind != "categorical" or spec.size < 2:
+  if type_spec.kind != "categorical" or type_spec.size < 2:
     raise ValueError(f"item feature {TYPE_FIELD!r} must be categorical int32 [I] with vocab[{TYPE_FIELD!r}]"
-                     f" = T + 1 >= 2, got kind={spec.kind!r} size={spec.size}")
-  return spec.size - 1
+                     f" = T + 1 >= 2, got kind={type_spec.kind!r} size={type_spec.size}")
+  return type_spec.size - 1
 
 
-def _common_kwargs(cfg, data: InteractionData, fel_layers_default: int) -> dict:
+def _common_kwargs(cfg, spec: DataSpec, fel_layers_default: int) -> dict:
   """The constructor arguments MV-HAN and MV-DNN read the same way from ``config.model``."""
   return dict(
-      num_users=data.num_users,
-      num_items=data.num_items,
-      num_types=_num_types(data),
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
+      num_users=spec.num_users,
+      num_items=spec.num_items,
+      num_types=_num_types(spec),
+      user_specs=spec.user_specs,
+      item_specs=spec.item_specs,
       dim=cfg.dim,
       fel_layers=cfg.get("fel_layers", fel_layers_default),
       num_heads=cfg.get("num_heads", 2),
@@ -380,10 +375,10 @@ def _common_kwargs(cfg, data: InteractionData, fel_layers_default: int) -> dict:
   )
 
 
-def from_config(cfg, data: InteractionData) -> MVHAN:
+def from_config(cfg, spec: DataSpec) -> MVHAN:
   """MV-HAN from ``config.model``; ``num_types`` = vocab['type'] - 1."""
   return MVHAN(
-      **_common_kwargs(cfg, data, fel_layers_default=2),
+      **_common_kwargs(cfg, spec, fel_layers_default=2),
       share_embeddings=cfg.get("share_embeddings", True),
       share_fel=cfg.get("share_fel", True),
       interaction=cfg.get("interaction", "mhsa"),
@@ -410,9 +405,9 @@ class MVDNN(MVHAN):
     super().setup()
 
 
-def mv_dnn_from_config(cfg, data: InteractionData) -> MVDNN:
+def mv_dnn_from_config(cfg, spec: DataSpec) -> MVDNN:
   """MV-DNN from ``config.model`` (the sharing and interaction flags are fixed by the baseline)."""
-  return MVDNN(**_common_kwargs(cfg, data, fel_layers_default=0))
+  return MVDNN(**_common_kwargs(cfg, spec, fel_layers_default=0))
 
 
 MODELS = {

@@ -19,12 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec, InteractionData
-from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
-
-
-def _gather(table: dict[str, jax.Array], ids: jax.Array) -> dict[str, jax.Array]:
-  return {name: jnp.take(arr, ids, axis=0) for name, arr in table.items()}
+from mvhan_jax.features import DataSpec, FeatureSpec
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
 
 
 class TwoTower(nn.Module):
@@ -61,9 +57,7 @@ class TwoTower(nn.Module):
       raise ValueError(f"model.pooling={self.pooling!r} is unknown: use 'mean' or 'recency'")
 
   def _out(self, x: jax.Array) -> jax.Array:
-    if self.normalize:
-      x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-    return x
+    return l2_normalize(x) if self.normalize else x
 
   def pool_history(self, history: jax.Array, history_len: jax.Array) -> jax.Array:
     """history: int [B, L] left-aligned, most recent at history_len-1. Returns [B, D]."""
@@ -81,14 +75,14 @@ class TwoTower(nn.Module):
 
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """batch: 'user' [B], 'history' [B, L], 'history_len' [B]. Returns [B, D]."""
-    fields = self.user_fields(_gather(tables["user"], batch["user"]))  # [B, F, D]
+    fields = self.user_fields(gather_rows(tables["user"], batch["user"]))  # [B, F, D]
     pooled = self.pool_history(batch["history"], batch["history_len"])
     x = jnp.concatenate([pooled, fields.reshape(fields.shape[0], -1)], axis=-1)
     return self._out(self.user_mlp(x, train=train))
 
   def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
     """item_ids: int [N]. Returns [N, D]."""
-    fields = self.item_fields(_gather(tables["item"], item_ids))
+    fields = self.item_fields(gather_rows(tables["item"], item_ids))
     x = jnp.concatenate([self.item_id_embed(item_ids), fields.reshape(fields.shape[0], -1)], axis=-1)
     return self._out(self.item_mlp(x, train=train))
 
@@ -96,11 +90,11 @@ class TwoTower(nn.Module):
     return self.encode_users(batch, tables, train), self.encode_items(batch["target"], tables, train)
 
 
-def from_config(cfg, data: InteractionData) -> TwoTower:
+def from_config(cfg, spec: DataSpec) -> TwoTower:
   return TwoTower(
-      num_items=data.num_items,
-      user_specs=data.user_specs,
-      item_specs=data.item_specs,
+      num_items=spec.num_items,
+      user_specs=spec.user_specs,
+      item_specs=spec.item_specs,
       dim=cfg.dim,
       hidden=tuple(cfg.hidden),
       pooling=cfg.pooling,

@@ -25,7 +25,7 @@ MovieLens-100k (`movielens_ranking`):
   impressions. Training negatives: items outside the user's training sequence; the user's later
   validation and test items can be drawn (as at training time in production; excluding them would
   tell the model which items the user will interact with later, a future leak that grows with the
-  share of the candidates a user's negatives cover: fatal with `rerank.candidate_pool`). Validation /
+  share of the candidates a user's negatives cover: fatal with `candidates.candidate_pool`). Validation /
   test negatives: items the user never rated (true non-interactions).
 
 Synthetic (`synthetic_ranking`): the exposure log of `mvhan_jax.data.synthetic` (its default
@@ -45,15 +45,19 @@ scenario could reach at best, so the gap to 'true' is what scenario-specific mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Mapping
 
 import numpy as np
 
+from mvhan_jax import features
 from mvhan_jax.data import protocol
 from mvhan_jax.data import synthetic_gen
-from mvhan_jax.data.types import FeatureSpec, InteractionData, feature_specs
+from mvhan_jax.data.types import InteractionData
 
 SPLITS = ("train", "valid", "test")
+# config.dataset.negatives of MovieLens (see `movielens_ranking` and `load_ranking_data`).
+NEGATIVES = ("popularity", "retrieval")
 
 # Scenario name -> GroupLens occupations (mvhan_jax.data.movielens.OCCUPATIONS).
 ML_SCENARIOS = (
@@ -85,13 +89,11 @@ class RankingData:
   def num_scenarios(self) -> int:
     return len(self.scenario_names)
 
-  @property
-  def user_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.user_features, self.vocab)
-
-  @property
-  def item_specs(self) -> tuple[FeatureSpec, ...]:
-    return feature_specs(self.item_features, self.vocab)
+  @functools.cached_property
+  def spec(self) -> features.DataSpec:
+    """What ranking models are built from (`mvhan_jax.features.DataSpec`, with the scenario names)."""
+    return features.data_spec(self.name, self.num_users, self.num_items, self.user_features,
+                              self.item_features, self.vocab, scenario_names=tuple(self.scenario_names))
 
   def summary(self) -> dict[str, dict[str, list[float]]]:
     """Per split: impressions, clicks and ctcvr positives per scenario."""
@@ -179,7 +181,7 @@ def movielens_ranking(data: InteractionData, maxlen: int = 50, num_negatives: in
 
   ``negative_pool``: a function (users int [N], history int [N, maxlen], history_len int [N]) -> int
   [N, P] (-1 padded) of candidate items per impression, e.g. a retrieval model's top-P for that
-  history (`rerank.candidate_pool`): every split's negatives are drawn uniformly from the
+  history (`candidates.candidate_pool`): every split's negatives are drawn uniformly from the
   impression's candidates instead of by popularity.
   """
   _check("num_negatives", num_negatives, num_negatives >= 1, "use >= 1 sampled non-interaction per interaction")
@@ -301,27 +303,32 @@ def world_config(world: Mapping):
   return synthetic.WorldConfig(**kw)
 
 
-def load_ranking_data(config) -> RankingData:
-  """``config.dataset.name`` in {'movielens_100k', 'synthetic'} -> `RankingData`."""
+def load_ranking_data(config, negative_pool: Callable[..., np.ndarray] | None = None) -> RankingData:
+  """``config.dataset.name`` in {'movielens_100k', 'synthetic'} -> `RankingData`.
+
+  ``negative_pool``: with MovieLens and ``config.dataset.negatives='retrieval'``, the retrieval
+  model's candidate pool (see `movielens_ranking`), which the caller computes with
+  `mvhan_jax.ranking.candidates.negative_pool(config)`: data modules load no model (no import of a
+  trainer), so the pool comes in as an argument. None otherwise.
+  """
   d = config.dataset
   if d.name == "movielens_100k":
     from mvhan_jax.data import movielens  # pylint: disable=import-outside-toplevel
-    pool = None
     negatives = d.get("negatives", "popularity")
-    if negatives == "retrieval":
-      from mvhan_jax.configs import load_config  # pylint: disable=import-outside-toplevel
-      from mvhan_jax.ranking import rerank  # pylint: disable=import-outside-toplevel
-      from mvhan_jax import workdir  # pylint: disable=import-outside-toplevel
-      if not (workdir.path(d.retrieval_workdir) / "best").is_dir():
-        raise FileNotFoundError(
-            f"config.dataset.retrieval_workdir={d.retrieval_workdir!r} holds no trained retrieval model: train "
-            f"it first (mvhan-train --config={d.retrieval_config} --workdir={d.retrieval_workdir})")
-      pool = rerank.candidate_pool(load_config(d.retrieval_config), d.retrieval_workdir, d.pool_size)
-    elif negatives != "popularity":
+    if negatives not in NEGATIVES:
       raise ValueError(f"config.dataset.negatives={negatives!r} is unknown: use 'popularity' or 'retrieval'")
+    if negatives == "retrieval" and negative_pool is None:
+      raise ValueError("config.dataset.negatives='retrieval' needs the retrieval model's candidates: pass "
+                       "negative_pool=mvhan_jax.ranking.candidates.negative_pool(config)")
+    if negatives == "popularity" and negative_pool is not None:
+      raise ValueError("config.dataset.negatives='popularity' samples by popularity: pass no negative_pool "
+                       "or set config.dataset.negatives='retrieval'")
     return movielens_ranking(movielens.load_movielens_100k(d.get("data_dir")), config.maxlen,
-                             d.num_negatives, d.eval_negatives, d.alpha, d.data_seed, pool)
+                             d.num_negatives, d.eval_negatives, d.alpha, d.data_seed, negative_pool)
   if d.name == "synthetic":
+    if negative_pool is not None:
+      raise ValueError("the synthetic ranking data samples no negatives (its exposures are labelled): pass no "
+                       "negative_pool")
     from mvhan_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     world = synthetic.generate_world(world_config(d.world.to_dict()))
     return synthetic_ranking(world, config.maxlen, d.valid_fraction, d.test_fraction)

@@ -1,32 +1,10 @@
-"""Ranking metrics: AUC and GAUC (NumPy)."""
+"""Ranking metrics: AUC and GAUC (NumPy). AUC is `mvhan_jax.evaluation.auc`, the one implementation."""
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks of ``x`` with ties given their average rank."""
-  order = np.argsort(x, kind="mergesort")
-  xs = x[order]
-  starts = np.flatnonzero(np.concatenate([[True], xs[1:] != xs[:-1]]))
-  ends = np.concatenate([starts[1:], [len(xs)]])
-  avg = (starts + ends + 1) / 2.0                                  # mean of ranks start+1 .. end
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = np.repeat(avg, ends - starts)
-  return ranks
-
-
-def auc(labels, scores) -> float:
-  """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)); ties count 1/2; NaN if one class."""
-  labels = np.asarray(labels).astype(bool)
-  scores = np.asarray(scores, np.float64)
-  n_pos = int(labels.sum())
-  n_neg = len(labels) - n_pos
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  ranks = _average_ranks(scores)
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+from mvhan_jax.evaluation import auc
 
 
 def gauc(labels, scores, groups) -> float:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvhan_jax.data.types import FeatureSpec
+from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, masked_mean
 from mvhan_jax.ranking import layers
 
@@ -208,8 +208,8 @@ _FIELDS = {
 }
 
 
-def build_ranking_model(cfg, data) -> nn.Module:
-  """``cfg`` = config.model (``name`` in `MODELS`); ``data`` = a `ranking.data.RankingData`."""
+def build_ranking_model(cfg, spec: DataSpec) -> nn.Module:
+  """``cfg`` = config.model (``name`` in `MODELS`); ``spec`` = the data's spec (`RankingData.spec`)."""
   if cfg.name not in MODELS:
     raise ValueError(f"config.model.name={cfg.name!r} is unknown: choose one of {sorted(MODELS)}")
   kwargs = {}
@@ -217,8 +217,8 @@ def build_ranking_model(cfg, data) -> nn.Module:
     if field in cfg:
       value = cfg[field]
       kwargs[field] = tuple(value) if isinstance(value, (list, tuple)) else value
-  return MODELS[cfg.name](user_specs=data.user_specs, item_specs=data.item_specs, num_users=data.num_users,
-                          num_items=data.num_items, num_scenarios=data.num_scenarios, **kwargs)
+  return MODELS[cfg.name](user_specs=spec.user_specs, item_specs=spec.item_specs, num_users=spec.num_users,
+                          num_items=spec.num_items, num_scenarios=spec.num_scenarios, **kwargs)
 
 
 def predict(model, params, batch, tables) -> dict[str, jax.Array]:

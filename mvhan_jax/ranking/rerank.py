@@ -14,60 +14,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from mvhan_jax import evaluation
-from mvhan_jax.data import protocol
 from mvhan_jax.tasks import retrieval as retrieval_task
+from mvhan_jax.ranking import candidates as retrieval_candidates
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.tasks import ranking as ranking_task
 
 
-def _load_retrieval(retrieval_config, retrieval_workdir: str):
-  """-> (retrieval experiment, best-checkpoint parameters, item vectors)."""
-  exp = retrieval_task.build_experiment(retrieval_config)
-  params, _ = retrieval_task.restore_params(retrieval_workdir, exp, "best")
-  return exp, params, retrieval_task.encode_items(exp, params)
-
-
 def retrieve(retrieval_config, retrieval_workdir: str, num_candidates: int = 100, split: str = "test"):
   """-> (retrieval experiment, the split's EvalSet, candidate ids int32 [Q, N] in retrieval order)."""
-  exp, params, items = _load_retrieval(retrieval_config, retrieval_workdir)
+  exp, params, items = retrieval_candidates.load_retrieval(retrieval_config, retrieval_workdir)
   queries = exp.eval_sets[split]
   users, mask = retrieval_task.encode_users(exp, params, queries)
   _, ids = evaluation.exact_topk(users, items, num_candidates, query_mask=mask,
                                  exclude_indptr=queries.exclude_indptr, exclude_indices=queries.exclude_indices)
   return exp, queries, np.asarray(ids)
-
-
-def candidate_pool(retrieval_config, retrieval_workdir: str, size: int = 100):
-  """A function ``pool(users, history, history_len) -> int32 [N, size]``: for each impression (user,
-  left-aligned history of the retrieval config's maxlen), the retrieval model's top-``size`` items
-  outside the user's training sequence.
-
-  Each impression gets the candidates of its own time point (its history), i.e. the hard negatives a
-  re-ranker meets when serving that request. One pool per user (say from the latest history) would
-  pair early training positives with candidates of the end of the training period, a time mismatch
-  the ranker learns instead of the user's taste (an earlier version did that and was no better).
-  `ranking.data.movielens_ranking` further drops what the user had rated by then (training) or ever
-  (evaluation).
-  """
-  exp, params, items = _load_retrieval(retrieval_config, retrieval_workdir)
-  train_items = [np.unique(s).astype(np.int32) for s in exp.split.train_sequences]
-  maxlen = retrieval_config.maxlen
-
-  def pool(users: np.ndarray, history: np.ndarray, history_len: np.ndarray) -> np.ndarray:
-    if history.shape[1] != maxlen:
-      raise ValueError(f"the ranking config.maxlen={history.shape[1]} must equal the retrieval config.maxlen="
-                       f"{maxlen} to reuse its histories: set them equal")
-    excl = [train_items[u] for u in users]
-    indptr = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
-    queries = protocol.EvalSet(user=np.asarray(users, np.int32), history=history, history_len=history_len,
-                               exclude_indptr=indptr, exclude_indices=np.concatenate(excl),
-                               targets=np.full((len(users), 1), -1, np.int32))
-    vecs, mask = retrieval_task.encode_users(exp, params, queries)
-    _, ids = evaluation.exact_topk(vecs, items, size, query_mask=mask, exclude_indptr=indptr,
-                                   exclude_indices=queries.exclude_indices)
-    return np.asarray(ids, np.int32)
-
-  return pool
 
 
 def target_positions(candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -91,7 +51,9 @@ def rank_candidates(rank_exp: ranking_task.RankingExperiment, params, users, his
 def candidate_auc(positions: np.ndarray, num_candidates: int) -> float:
   """Mean over users of the AUC of the target against the other candidates (one positive, N - 1
   negatives: (N - 1 - position) / (N - 1)), for users whose target is among the candidates."""
-  return float(np.mean((num_candidates - 1 - positions) / (num_candidates - 1))) if len(positions) else float("nan")
+  if not len(positions):
+    return float("nan")
+  return float(np.mean(evaluation.target_auc(positions, num_candidates - 1)))
 
 
 def rerank(candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -28,11 +28,13 @@ Datasets:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import Mapping
 
 import numpy as np
 
+from mvhan_jax import features
 from mvhan_jax.data import protocol
 from mvhan_jax.data.types import InteractionData
 
@@ -86,6 +88,13 @@ class SeminarData:
     """int64 [U]: flat index one past each user's last training event."""
     n = np.diff(self.offsets)
     return self.offsets[1:] - np.where(n >= 3, 2, 0)
+
+  @functools.cached_property
+  def spec(self) -> features.DataSpec:
+    """What SEMINAR's modules are built from (`mvhan_jax.features.DataSpec`): no user features, the
+    item vectors as dense item features, the keyword vocabulary and the modality names."""
+    return features.data_spec(self.name, self.num_users, self.num_items, {}, self.item_vectors, {},
+                              num_keywords=int(self.num_keywords), modality_names=tuple(self.modality_names))
 
   def tables(self) -> dict[str, np.ndarray]:
     """The item modality vectors, passed to the model as ``tables`` (never baked into the HLO)."""

@@ -19,11 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mvhan_jax.layers import l2_normalize
+
 _MASKED = -1e9
-
-
-def _normalize(x, eps: float = 1e-6):
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def info_nce_from_logits(logits, labels, row_weight, candidate_mask=None):
@@ -49,7 +47,7 @@ def symmetric_info_nce(a, b, tau: float, valid, ids=None):
   the denominator (they are the same object).
   """
   n = a.shape[0]
-  logits = _normalize(a) @ _normalize(b).T / tau                         # [N, N]
+  logits = l2_normalize(a) @ l2_normalize(b).T / tau                         # [N, N]
   cand = jnp.broadcast_to(valid[None, :], (n, n))
   if ids is not None:
     cand = cand & (ids[None, :] != ids[:, None])
@@ -81,7 +79,7 @@ def relevance_loss(query, item, has_query, valid, item_ids, tau: float):
 
   query, item [B, L, d]; has_query, valid bool [B, L]; item_ids int [B, L]. Rows = search events.
   """
-  logits = jnp.einsum("bld,bkd->blk", _normalize(query), _normalize(item)) / tau   # [B, L, L]
+  logits = jnp.einsum("bld,bkd->blk", l2_normalize(query), l2_normalize(item)) / tau   # [B, L, L]
   b, length = valid.shape
   cand = valid[:, None, :] & (item_ids[:, None, :] != item_ids[:, :, None])
   labels = jnp.broadcast_to(jnp.arange(length), (b, length))

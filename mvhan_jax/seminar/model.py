@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvhan_jax.features import DataSpec
 from mvhan_jax.models import pq
 
 ATTENTION = ("exact", "pq")
@@ -98,9 +99,10 @@ class Embedder(nn.Module):
     return self.pair_keys(modal, q, has_q), self.gate()
 
 
-def embedder_from_config(cfg, data) -> Embedder:
-  return Embedder(num_items=data.num_items, num_keywords=data.num_keywords, dim=cfg.model.dim,
-                  modality_keys=tuple(data.modality_names[1:]), alpha=cfg.model.alpha)
+def embedder_from_config(cfg, spec: DataSpec) -> Embedder:
+  """``spec``: `SeminarData.spec` (its modality_names[0] is the learned id table)."""
+  return Embedder(num_items=spec.num_items, num_keywords=spec.num_keywords, dim=cfg.model.dim,
+                  modality_keys=tuple(spec.modality_names[1:]), alpha=cfg.model.alpha)
 
 
 class PSU(nn.Module):
@@ -237,7 +239,7 @@ class SeminarModel(nn.Module):
     return out
 
 
-def model_from_config(cfg, data) -> SeminarModel:
+def model_from_config(cfg, spec: DataSpec) -> SeminarModel:
   m = cfg.model
-  return SeminarModel(embedder=embedder_from_config(cfg, data), heads=m.heads, top_k=m.top_k,
+  return SeminarModel(embedder=embedder_from_config(cfg, spec), heads=m.heads, top_k=m.top_k,
                       head_dim=m.head_dim, mlp=tuple(m.mlp), pq_scoring=m.get("pq_scoring", "decoded"))

@@ -34,3 +34,9 @@ def build_task(config, **kwargs):
     return seminar.SeminarTask(config, **kwargs)
   from mvhan_jax.tasks import retrieval  # pylint: disable=import-outside-toplevel
   return retrieval.RetrievalTask(config, **kwargs)
+
+
+def train_and_evaluate(config, workdir, **kwargs):
+  """`mvhan_jax.train.train_and_evaluate` of ``config``'s task (``kwargs`` go to the task)."""
+  from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  return train.train_and_evaluate(build_task(config, **kwargs), workdir)

@@ -30,6 +30,7 @@ from mvhan_jax import train as loop
 from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
+from mvhan_jax.ranking import candidates
 from mvhan_jax.ranking import data as ranking_data
 from mvhan_jax.ranking import metrics as ranking_metrics
 from mvhan_jax.ranking import models
@@ -54,8 +55,8 @@ class RankingExperiment:
 
 
 def build_ranking_experiment(config, data: ranking_data.RankingData | None = None) -> RankingExperiment:
-  data = data if data is not None else ranking_data.load_ranking_data(config)
-  model = models.build_ranking_model(config.model, data)
+  data = data if data is not None else ranking_data.load_ranking_data(config, candidates.negative_pool(config))
+  model = models.build_ranking_model(config.model, data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
   return RankingExperiment(config, data, model, tables)
@@ -259,11 +260,11 @@ class RankingTask:
 
 def format_table(results: dict, model_name: str, scenario_names) -> str:
   """AUC and GAUC per task over all scenarios (one row per split), then test AUC per scenario."""
-  from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import tables  # pylint: disable=import-outside-toplevel
   cols = [f"{t}/{m}/all" for t in ("ctr", "ctcvr") for m in ("AUC", "GAUC")] + ["cvr/AUC/all"]
   rows = {f"{model_name} ({split})": [{c: results[split][c] for c in cols}] for split in ("valid", "test")}
-  table = report.mean_std_table(rows, cols)
+  table = tables.mean_std_table(rows, cols)
   test = results["test"]
   per = {name: [{f"{t}/AUC": test[f"{t}/AUC/{name}"] for t in ("ctr", "ctcvr", "cvr")}] for name in scenario_names}
-  table += "\n\nTest AUC per scenario:\n\n" + report.mean_std_table(per, ["ctr/AUC", "ctcvr/AUC", "cvr/AUC"])
+  table += "\n\nTest AUC per scenario:\n\n" + tables.mean_std_table(per, ["ctr/AUC", "ctcvr/AUC", "cvr/AUC"])
   return table

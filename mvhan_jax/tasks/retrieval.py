@@ -74,7 +74,7 @@ def build_experiment(config) -> Experiment:
   eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
   counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
   sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
-  model = models.build_model(config.model, data)
+  model = models.build_model(config.model, data.spec)
   tables = {
       "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
@@ -487,14 +487,14 @@ class RetrievalTask:
 def format_table(results: dict, model_name: str) -> str:
   """The run's table: one row per split (validation, test), the metric names as columns; with
   content types, a second table of the per-type metrics (ranking restricted to the type)."""
-  from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import tables  # pylint: disable=import-outside-toplevel
   rows = {f"{model_name} ({split})": [results[split]] for split in ("valid", "test")}
   test = results["test"]
-  table = report.mean_std_table(rows, [k for k in test if "/" not in k])
+  table = tables.mean_std_table(rows, [k for k in test if "/" not in k])
   types = [k[: -len("/queries")] for k in test if k.endswith("/queries")]
   if types:
     table += "\n\nPer content type (test users whose held-out item has the type, ranked within it):\n\n"
-    table += report.mean_std_table({t: [{m: test[f"{t}/{m}"] for m in ("queries", "HR@10", "HR@50", "AUC")}]
+    table += tables.mean_std_table({t: [{m: test[f"{t}/{m}"] for m in ("queries", "HR@10", "HR@50", "AUC")}]
                                     for t in types}, ["queries", "HR@10", "HR@50", "AUC"])
   return table
 

@@ -103,8 +103,8 @@ class SeminarExperiment:
 def build_experiment(config, data: sdata.SeminarData | None = None) -> SeminarExperiment:
   check_config(config)
   data = data if data is not None else sdata.load_data(config)
-  model = smodel.model_from_config(config, data)
-  psu = smodel.PSU(embedder=smodel.embedder_from_config(config, data))
+  model = smodel.model_from_config(config, data.spec)
+  psu = smodel.PSU(embedder=smodel.embedder_from_config(config, data.spec))
   counts = np.bincount(data.item[_training_events(data)], minlength=data.num_items)
   sampler = shared_losses.make_sampler(config.train.negatives, counts, config.train.negative_power)
   negatives = {"cdf": jnp.asarray(sampler.cdf), "log_nq": jnp.asarray(sampler.log_probs + np.log(data.num_items))}
@@ -516,7 +516,7 @@ class SeminarTask:
     return results
 
   def format_results(self, results: dict) -> str:
-    from mvhan_jax import report  # pylint: disable=import-outside-toplevel
+    from mvhan_jax import tables  # pylint: disable=import-outside-toplevel
     cols = sorted(results["test"])
     rows = {f"seminar ({split})": [{c: results[split].get(c, float("nan")) for c in cols}] for split in ("valid", "test")}
-    return report.mean_std_table(rows, cols)
+    return tables.mean_std_table(rows, cols)
