@@ -168,7 +168,7 @@ def test_mind_user_tower_vectors_do_not_depend_on_the_row():
   # The MIND extractor's routing draws are keyed by user id: a user encoded at row 0 of one batch and
   # at row 1 of another (different neighbours) gets the same interests under one fixed key.
   data = _tiny_data()
-  model = build_model(_model_cfg(), data)
+  model = build_model(_model_cfg(), data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
             "item": {k: jnp.asarray(v) for k, v in data.item_features.items()}}
   a, b = _batch(seed=0), _batch(seed=1)

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mvhan_jax import evaluation
 from mvhan_jax import sharding
 from mvhan_jax import train as loop
 from mvhan_jax import workdir as wd
@@ -152,17 +153,14 @@ def _jitted_predict(model):
 
 
 def predict_split(exp: RankingExperiment, params, split: dict[str, np.ndarray], chunk: int = 8192) -> dict[str, np.ndarray]:
-  """Own-scenario 'ctr', 'cvr', 'ctcvr' probabilities [N] for a split (fixed-size padded chunks)."""
+  """Own-scenario 'ctr', 'cvr', 'ctcvr' probabilities [N] for a split (fixed-size chunks, wrapped)."""
   fn = _jitted_predict(exp.model)
   n = len(split["user"])
   size = min(chunk, n)
-  out = {k: [] for k in ("ctr", "cvr", "ctcvr")}
-  for s in range(0, n, size):
-    idx = np.arange(s, s + size) % n
-    p = fn(params, {k: split[k][idx] for k in FEATURE_KEYS}, exp.tables)
-    for k in out:
-      out[k].append(np.asarray(p[k])[: min(size, n - s)])
-  return {k: np.concatenate(v) for k, v in out.items()}
+  out = evaluation.chunked_apply(
+      lambda b: fn(params, b, exp.tables), n, size,
+      lambda s, e: {k: split[k][np.arange(s, s + size) % n] for k in FEATURE_KEYS})
+  return {k: out[k] for k in ("ctr", "cvr", "ctcvr")}
 
 
 def evaluate_predictions(split: dict[str, np.ndarray], preds: dict[str, np.ndarray],
@@ -265,6 +263,7 @@ def format_table(results: dict, model_name: str, scenario_names) -> str:
   rows = {f"{model_name} ({split})": [{c: results[split][c] for c in cols}] for split in ("valid", "test")}
   table = tables.mean_std_table(rows, cols)
   test = results["test"]
-  per = {name: [{f"{t}/AUC": test[f"{t}/AUC/{name}"] for t in ("ctr", "ctcvr", "cvr")}] for name in scenario_names}
-  table += "\n\nTest AUC per scenario:\n\n" + tables.mean_std_table(per, ["ctr/AUC", "ctcvr/AUC", "cvr/AUC"])
+  cols = [f"{t}/{m}" for t in ("ctr", "ctcvr") for m in ("AUC", "GAUC")] + ["cvr/AUC"]
+  per = {name: [{c: test[f"{c}/{name}"] for c in cols}] for name in scenario_names}
+  table += "\n\nTest AUC and GAUC per scenario:\n\n" + tables.mean_std_table(per, cols)
   return table

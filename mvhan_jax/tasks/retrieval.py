@@ -286,11 +286,6 @@ def _sparse_train_step(tx: sparse.SparseTableAdamW, loss_fn: Callable) -> Callab
 # --------------------------------------------------------------------------------------------------
 # Encoding users and items for evaluation and serving
 # --------------------------------------------------------------------------------------------------
-def _chunks(n: int, size: int):
-  for start in range(0, n, size):
-    yield start, min(start + size, n)
-
-
 # Routing-style models draw random initial logits; evaluation and serving use one fixed key so that
 # a user's vectors are a deterministic function of the parameters.
 _EVAL_RNGS = {"routing": 0, "dropout": 0}
@@ -308,16 +303,12 @@ def _jitted_encoders(model):
 
 
 def encode_items(exp: Experiment, params, chunk: int = 65536) -> np.ndarray:
-  """All item vectors [I, D]; the last chunk is padded so every call has the same shape."""
+  """All item vectors [I, D]; the last chunk wraps around so every call has the same shape."""
   _, enc = _jitted_encoders(exp.model)
   params = sharding.host_local(params)
   n = exp.data.num_items
-  size = min(chunk, n)
-  out = []
-  for s, e in _chunks(n, size):
-    ids = np.arange(s, s + size) % n
-    out.append(np.asarray(enc(params, jnp.asarray(ids, jnp.int32), exp.tables))[: e - s])
-  return np.concatenate(out)
+  return evaluation.chunked_apply(lambda ids: enc(params, ids, exp.tables), n, min(chunk, n),
+                                  lambda s, e: jnp.asarray(np.arange(s, s + min(chunk, n)) % n, jnp.int32))
 
 
 def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
@@ -331,15 +322,13 @@ def encode_users(exp: Experiment, params, eval_set, rows=None, chunk: int = 4096
   rows = np.arange(len(eval_set.user)) if rows is None else np.asarray(rows)
   q = len(rows)
   size = min(chunk, q)
-  vecs, masks = [], []
-  for s, e in _chunks(q, size):
+
+  def batch(s, e):
     idx = rows[np.arange(s, s + size) % q]
-    batch = {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
-    v, m = enc(params, batch, exp.tables)
-    vecs.append(np.asarray(v)[: e - s])
-    masks.append(np.asarray(m)[: e - s])
-  vecs = np.concatenate(vecs)
-  return (vecs, np.concatenate(masks)) if vecs.ndim == 3 else (vecs, None)
+    return {"user": eval_set.user[idx], "history": eval_set.history[idx], "history_len": eval_set.history_len[idx]}
+
+  vecs, masks = evaluation.chunked_apply(lambda b: enc(params, b, exp.tables), q, size, batch)
+  return (vecs, masks) if vecs.ndim == 3 else (vecs, None)
 
 
 def _evaluator(exp: Experiment, split: str):
