@@ -155,6 +155,19 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target) -> tuple[
   return restored["state"], restored["meta"]
 
 
+def restore_params(directory, state_template: TrainState, which: str = "best") -> tuple[Any, int]:
+  """(params, step) of the best-by-validation (``which='best'``) or the latest checkpoint of a stage
+  directory; ``state_template``: the stage's `abstract_state` (its params for 'best')."""
+  if which == "best":
+    return restore_best(directory, state_template.params)
+  path = wd.path(directory) / "checkpoints"
+  mngr = checkpoint_manager(path, 1)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
+  return restore_checkpoint(mngr, step, state_template)[0].params, step
+
+
 def restore_best(directory, target) -> tuple[Any, int]:
   """The tree saved under ``<directory>/best`` (restored into ``target``) and its step."""
   path = wd.path(directory) / "best"

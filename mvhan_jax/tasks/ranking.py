@@ -28,7 +28,6 @@ import optax
 from mvhan_jax import evaluation
 from mvhan_jax import sharding
 from mvhan_jax import train as loop
-from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
 from mvhan_jax.metrics_writer import MetricsWriter
 from mvhan_jax.ranking import candidates
@@ -189,14 +188,7 @@ def evaluate(exp: RankingExperiment, params, split: str) -> dict[str, float]:
 
 def restore_params(workdir, exp: RankingExperiment, which: str = "best") -> tuple[Any, int]:
   """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  template = abstract_state(exp, make_optimizer(exp.config.optimizer, 1))
-  if which == "best":
-    return loop.restore_best(workdir, template.params)
-  mngr = loop.checkpoint_manager(wd.path(workdir) / "checkpoints", 1)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train with this workdir first")
-  return loop.restore_checkpoint(mngr, step, template)[0].params, step
+  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -358,15 +358,7 @@ def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
 
 def restore_params(workdir, exp: Experiment, which: str = "best") -> tuple[Any, int]:
   """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  tx = make_optimizer(exp.config.optimizer, 1)
-  template = abstract_state(exp, tx)
-  if which == "best":
-    return loop.restore_best(workdir, template.params)
-  mngr = loop.checkpoint_manager(wd.path(workdir) / "checkpoints", 1)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run --mode=train with this --workdir first")
-  return loop.restore_checkpoint(mngr, step, template)[0].params, step
+  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which)
 
 
 def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> dict[str, Any]:
