@@ -15,11 +15,19 @@ with min bytes = the train state (parameters + Adam moments) read and written on
 once. The machine's two ceilings are measured at the start (a large matmul in float32 and bfloat16 and
 a large device-to-device copy, counting bytes read plus written).
 
+--dtypes: 'bfloat16' is `config.compute_dtype='bfloat16'`, the train step's own casting (since the
+bfloat16 fix: tables gathered in float32, rows cast); 'bfloat16_tables' the casting before the fix;
+'bfloat16_fixed' is the casting of `mvhan_jax/precision.py` (tables gathered in float32, only the
+rows cast), applied around the model so that it is timed whatever the step does. The experiment and
+its initial state are built once per model and shared by its dtypes and batch sizes.
+
 Prints a table and writes experiments/results/bench/accel_<platform>_<device>.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -35,12 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvhan_jax import configs
+from mvhan_jax import precision
 from mvhan_jax import report
 from mvhan_jax import train
 from mvhan_jax.tasks import retrieval as rtask
 from mvhan_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 CONFIGS = {
     "two_tower": "two_tower_ml100k.py",
@@ -51,7 +61,9 @@ CONFIGS = {
 }
 flags.DEFINE_list("models", ["mind", "mvhan", "two_tower"], f"Models to time: {sorted(CONFIGS)}.")
 flags.DEFINE_list("batch_sizes", ["128", "1024", "8192"], "Batch sizes.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.compute_dtype values.")
+DTYPES = ("float32", "bfloat16", "float16", "bfloat16_fixed", "bfloat16_tables")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.compute_dtype values, or 'bfloat16_fixed': the "
+                  "step in float32 on precision.CastingModel (tables gathered in float32, rows cast).")
 flags.DEFINE_integer("steps", 50, "Steps per timed window.")
 flags.DEFINE_integer("repeats", 5, "Timed windows; the median is reported.")
 flags.DEFINE_integer("pipeline_steps", 50, "Steps fed by the input pipeline (0 skips that column).")
@@ -123,19 +135,51 @@ def _nbytes(tree) -> int:
   return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree)))
 
 
-def bench(name: str, batch_size: int, dtype: str, ceilings: dict) -> dict:
+@functools.lru_cache(maxsize=None)
+def _experiment(name: str):
+  """(experiment, optimizer, initial state) of a model, float32; shared by its dtypes and batches
+  (nothing in them depends on either)."""
   if name not in CONFIGS:
     raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(CONFIGS)}")
   cfg = configs.load_config(os.path.join(ROOT, "experiments", "configs", CONFIGS[name]))
   cfg.model.dim = 64
   cfg.maxlen = 50
-  cfg.batch_size = batch_size
-  cfg.compute_dtype = dtype
   exp = rtask.build_experiment(cfg)
   tx = train.make_optimizer(cfg.optimizer, 10_000)
+  return exp, tx, rtask.init_state(exp, tx, jax.random.key(0))
+
+
+def _variant(name: str, batch_size: int, dtype: str):
+  """(experiment, optimizer, a fresh copy of the initial state, train step) for one --dtypes value:
+  'float32' / 'bfloat16' / 'float16' set config.compute_dtype (the step's own casting);
+  'bfloat16_fixed' is a float32 step on `precision.CastingModel` (mvhan_jax/precision.py: tables
+  gathered in float32, only rows cast), whatever the step's own casting is; 'bfloat16_tables' is the
+  step's casting before that fix (``config.compute_cast='tables'``: whole tables cast to bfloat16
+  before the gathers, so the gradient scatters in bfloat16)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtypes: unknown {dtype!r}; choose from {DTYPES}")
+  exp, tx, state = _experiment(name)
+  cfg = exp.config.copy_and_resolve_references()
+  cfg.batch_size = batch_size
+  cfg.compute_dtype = {"bfloat16_fixed": "float32", "bfloat16_tables": "bfloat16"}.get(dtype, dtype)
+  cfg.compute_cast = "tables" if dtype == "bfloat16_tables" else "rows"
+  exp = dataclasses.replace(exp, config=cfg)
+  if dtype == "bfloat16_fixed":
+    exp = dataclasses.replace(exp, model=precision.CastingModel(exp.model, "bfloat16"))
+  state = jax.tree.map(jnp.copy, state)  # the step donates its state
+  return exp, tx, state, rtask.make_train_step(exp, tx)
+
+
+def step_jaxpr(name: str, batch_size: int, dtype: str):
+  """The jaxpr of one train step (e.g. for `precision.low_precision_scatters`)."""
+  exp, _, state, step_fn = _variant(name, batch_size, dtype)
+  batch = rtask.train_dataset(exp, batch_size, seed=0)[0]
+  return jax.make_jaxpr(step_fn)(state, batch, exp.tables, jax.random.key(0))
+
+
+def bench(name: str, batch_size: int, dtype: str, ceilings: dict) -> dict:
+  exp, _, state, step_fn = _variant(name, batch_size, dtype)
   key = jax.random.key(0)
-  state = rtask.init_state(exp, tx, key)
-  step_fn = rtask.make_train_step(exp, tx)
   batches = pipeline.iterate(pipeline.train_batches(exp.train_source, batch_size, seed=0), 0, prefetch=2)
   batch = jax.device_put(next(batches))
   tables = jax.device_put(exp.tables)

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mvhan_jax import precision
+
 Path = tuple[str, ...]
 
 
@@ -82,7 +84,9 @@ def _intercepting(paths: tuple[Path, ...], on_lookup: Callable[[Path, jax.Array,
     (ids,) = args
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError("nn.Embed input must be integer ids")
-    return on_lookup(_embed_path(module), module.embedding, ids)
+    # This interceptor answers the lookup itself, so a `precision.float32_gathers` entered inside it
+    # never sees it: cast the (float32) rows here, as that one would.
+    return precision.cast_rows(on_lookup(_embed_path(module), module.embedding, ids))
 
   return interceptor
 

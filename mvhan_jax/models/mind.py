@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
@@ -85,7 +86,9 @@ class _MultiInterest(nn.Module):
     if self.item_fields and self.item_specs and flat.shape[0] > self.num_items:
       # More lookups than items (a [B, L] history of a small catalogue): embed the whole catalogue
       # once and gather rows. Same values; the backward pass scatters into I rows, not B*L*F.
-      return self._embed_rows(jnp.arange(self.num_items), tables)[flat].reshape(*shape, self.dim)
+      # take_rows: under bfloat16 compute that scatter stays float32 (mvhan_jax/precision.py).
+      catalogue = self._embed_rows(jnp.arange(self.num_items), tables)
+      return precision.take_rows(catalogue, flat).reshape(*shape, self.dim)
     return self._embed_rows(flat, tables).reshape(*shape, self.dim)
 
   def _embed_rows(self, flat: jax.Array, tables) -> jax.Array:

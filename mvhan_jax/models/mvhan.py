@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
 
@@ -72,7 +73,8 @@ def _select(per_type: jax.Array, type_idx: jax.Array) -> jax.Array:
   """
   moved = jnp.moveaxis(per_type, 0, type_idx.ndim)  # [*S, T, ...]
   idx = type_idx.reshape(type_idx.shape + (1,) * (moved.ndim - type_idx.ndim))
-  return jnp.take_along_axis(moved, idx, axis=type_idx.ndim).squeeze(type_idx.ndim)
+  # precision.take_along_axis: under bfloat16 compute the gradient's scatter stays float32.
+  return precision.take_along_axis(moved, idx, axis=type_idx.ndim).squeeze(type_idx.ndim)
 
 
 def recent_behaviours(history: jax.Array, history_len: jax.Array, num_tokens: int

@@ -23,6 +23,7 @@ import optax
 from mvhan_jax import evaluation
 from mvhan_jax import losses
 from mvhan_jax import models
+from mvhan_jax import precision
 from mvhan_jax import retrieval
 from mvhan_jax import sharding
 from mvhan_jax import sparse
@@ -192,9 +193,20 @@ def make_train_step(exp: Experiment, tx) -> Callable:
   def cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
+  compute_cast = exp.config.get("compute_cast", "rows")
+  if compute_cast not in ("rows", "tables"):
+    raise ValueError(f"config.compute_cast={compute_cast!r}: use 'rows' (tables gathered in float32, rows cast) "
+                     "or 'tables' (whole tables cast first: bfloat16 scatters in the gradient; for benchmarks)")
+
   def loss_fn(params, batch, tables, rng):
-    if low_precision:
+    if low_precision and compute_cast == "tables":
       return _loss_fn(cast(params, compute_dtype), batch, cast(tables, compute_dtype), rng)
+    if low_precision:
+      # Tables gathered in float32 and only the rows cast: the gather's gradient stays a float32
+      # scatter-add (a bfloat16 one onto Zipf-repeated rows serialises on GPUs; precision.py).
+      params, tables = precision.compute_cast(params, tables, compute_dtype)
+      with precision.float32_gathers(compute_dtype):
+        return _loss_fn(params, batch, tables, rng)
     return _loss_fn(params, batch, tables, rng)
 
   def _loss_fn(params, batch, tables, rng):
