@@ -110,9 +110,8 @@ for _ in $(seq 1 30); do
   missing=$("$PY" - <<'EOF' 2>"$OUT/probe_err.txt"
 import sys
 try:
-  import bench_accel  # noqa: F401  (imports mvhan_jax.train and the data stack)
-  import diagnose_bf16  # noqa: F401
-  bench_accel._experiment("mind")  # loads MovieLens (TFDS records under MVHAN_DATA_DIR)
+  import diagnose_bf16  # noqa: F401  (loads bench_accel: mvhan_jax, the data stack)
+  diagnose_bf16.bench_accel._experiment("mind")  # loads MovieLens (TFDS records under MVHAN_DATA_DIR)
 except ModuleNotFoundError as e:
   print(e.name.split(".")[0])
 EOF
