@@ -133,10 +133,11 @@ def _table_value(text: str, row: str, column: str) -> str:
 
 
 def _check_cli_figures(workdir, results):
-  from mvhan_jax import main as cli  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import modes  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import tasks  # pylint: disable=import-outside-toplevel
   loaded = report.load_workdir(workdir)  # the config round-trips through config.json
   assert loaded[3] == results["best_step"]
-  paths = cli.write_plots(workdir, loaded)
+  paths = modes.write_plots(tasks.build_task(loaded[0]), workdir)
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ["ann_recall.png", "embedding_map.png", "hr_curves.png", "per_type.png", "training_curves.png"]
   for p in paths:

@@ -373,9 +373,9 @@ _MP_OVERRIDES = {"dataset.world.num_items": 1600, "total_steps": _MP_STEPS, "eva
 
 # HiNet through the same loop and launcher (2 processes x 2 devices, data parallel).
 _MP_HINET_CONFIG = "experiments/configs/hinet_synthetic.py:smoke"
-_MP_HINET_STEPS = 120
-_MP_HINET_OVERRIDES = {"total_steps": _MP_HINET_STEPS, "eval_every_steps": 60, "checkpoint_every_steps": 20,
-                       "log_every_steps": 10}
+_MP_HINET_STEPS = 40
+_MP_HINET_OVERRIDES = {"total_steps": _MP_HINET_STEPS, "eval_every_steps": 20, "checkpoint_every_steps": 10,
+                       "log_every_steps": 5}
 
 
 def _mp_command(workdir, log_dir, config=_MP_CONFIG, overrides=None) -> list[str]:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from mvhan_jax import tasks
-from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
 from mvhan_jax.tasks import retrieval as rtask
@@ -70,7 +69,7 @@ def test_smoke_run_writes_index_and_results(smoke_run):
   params, _ = rtask.restore_params(workdir, exp)
   test = exp.eval_sets["test"]
   user = int(test.user[5])
-  recs = cli.recommend(exp, index, params, user, 10)
+  recs = rtask.recommend(exp, index, params, user, 10)
   seen = set(test.exclude_indices[test.exclude_indptr[5]:test.exclude_indptr[6]].tolist())
   assert len(recs) == 10 and not seen & {i for i, _ in recs}
   # Re-evaluating the restored best parameters reproduces the reported test metrics.

@@ -7,7 +7,6 @@ import pytest
 
 from mvhan_jax import tasks
 from mvhan_jax import evaluation
-from mvhan_jax import main as cli
 from mvhan_jax import retrieval
 from mvhan_jax import train
 from mvhan_jax.tasks import retrieval as rtask
@@ -54,5 +53,5 @@ def test_multi_interest_model_learns_and_serves(model, tmp_path):
   one, one_mask = rtask.encode_users(exp, params, test, rows=[3])
   np.testing.assert_allclose(one[0], users[3], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one_mask[0], mask[3])
-  recs = cli.recommend(exp, index, params, int(test.user[3]), 10)
+  recs = rtask.recommend(exp, index, params, int(test.user[3]), 10)
   assert len({i for i, _ in recs}) == 10
