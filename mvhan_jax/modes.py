@@ -66,10 +66,9 @@ def _title(config, results) -> str:
 
 def _serve(task, workdir, mode, user, top_n, content_type, examples, results):
   """--mode=recommend (one user) and the example recommendations at the end of --mode=train."""
-  from mvhan_jax import retrieval  # pylint: disable=import-outside-toplevel
   from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   exp = task.exp
-  params, _ = task.restore_best(workdir)
+  params, step = task.restore_best(workdir)
   index_dir = wd.path(workdir) / "index"
   if content_type:  # MV-HAN: retrieval restricted to one content type, from that type's own index
     index_dir = index_dir / "types" / content_type
@@ -79,7 +78,7 @@ def _serve(task, workdir, mode, user, top_n, content_type, examples, results):
                        f"types are {list(names)} (per-type indexes exist for typed datasets only)")
   if mode == "train" and not task.config.index.build:
     return results
-  index = retrieval.load_index(str(index_dir))
+  index = rtask.load_serving_index(exp, workdir, params, step, index_dir)  # refuses another step's or run's
   if mode == "recommend":
     if user is None:
       raise ValueError("--mode=recommend needs --user=<dense user index>")

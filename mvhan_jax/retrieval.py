@@ -12,8 +12,10 @@ interest retrieves k items, the lists are merged by max score, de-duplicated
 and cut to k (`merge_interests`).
 
 An index directory holds the backend's files plus ``index.json`` (backend,
-step, config, num_items, dim, user metadata); ``index.json`` is written last,
-so its presence marks a complete save. `load_index` reads it to pick the class.
+step, config, num_items, dim, user metadata, and the sha256 of every file beside
+it); ``index.json`` is written last, so its presence marks a complete save.
+`load_index` reads it to pick the class, and every load checks the files against
+those digests (`artifacts.ArtifactDamaged` naming the file that differs).
 The directory may be remote (``gs://...``): every file goes through `mvhan_jax.workdir`, and ScaNN,
 which serializes to and loads from a local folder only, is staged through a temporary one.
 """
@@ -28,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mvhan_jax import artifacts
 from mvhan_jax import evaluation
 from mvhan_jax import workdir
 
@@ -229,9 +232,40 @@ def _write_meta(directory: str, meta: Mapping[str, Any]) -> None:
 def _read_meta(directory: str) -> dict[str, Any]:
   path = workdir.path(directory) / _META_FILE
   if not path.is_file():
-    raise FileNotFoundError(
+    raise artifacts.ArtifactMissing(
         f"{path} not found: {directory!r} is not a saved index (or its save did not finish)")
-  return workdir.read_json(path)
+  try:
+    meta = workdir.read_json(path)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise artifacts.ArtifactDamaged(f"{path} is not valid JSON ({artifacts.first_line(e)}): rebuild the index "
+                                    "with --mode=index") from e
+  if not isinstance(meta, dict) or not {"backend", "step", "num_items", "dim"} <= meta.keys():
+    raise artifacts.ArtifactDamaged(f"{path} is not an index record (it lacks backend, step, num_items or dim): "
+                                    "rebuild the index with --mode=index")
+  return meta
+
+
+def _index_files(directory: str) -> list[str]:
+  """The files an index save wrote beside ``index.json`` (not sub-directories: per-type indexes)."""
+  return [p.name for p in workdir.path(directory).iterdir() if p.name != _META_FILE and p.is_file()]
+
+
+def _check_files(directory: str, meta: Mapping[str, Any]) -> None:
+  """Every file recorded in ``meta['files']`` is there with its sha256 (indexes saved before the
+  digests existed are not checked)."""
+  recorded = meta.get("files")
+  if not recorded:
+    return
+  present = set(_index_files(directory))
+  for name in sorted(recorded):
+    if name not in present:
+      raise artifacts.ArtifactDamaged(f"the index in {directory} is damaged: {name}, recorded in {_META_FILE}, is "
+                                      "missing; rebuild it with --mode=index")
+  got = artifacts.file_digests(directory, recorded)
+  for name in sorted(recorded):
+    if got[name] != recorded[name]:
+      raise artifacts.ArtifactDamaged(f"the index in {directory} is damaged: {name} does not match the sha256 "
+                                      f"recorded in {_META_FILE}; rebuild it with --mode=index")
 
 
 class _Index:
@@ -283,7 +317,8 @@ class _Index:
     self.metadata = dict(metadata or {})
     _write_meta(directory, {
         "backend": self.backend, "step": self.step, "config": dataclasses.asdict(self.config),
-        "num_items": self.num_items, "dim": self.dim, "metadata": self.metadata})
+        "num_items": self.num_items, "dim": self.dim, "metadata": self.metadata,
+        "files": artifacts.file_digests(directory, _index_files(directory))})
     return directory
 
 
@@ -328,6 +363,7 @@ class ExactIndex(_Index):
     meta = _read_meta(directory)
     if meta["backend"] != cls.backend:
       raise ValueError(f"{directory!r} holds a {meta['backend']!r} index: use load_index()")
+    _check_files(directory, meta)
     with (workdir.path(directory) / _EXACT_FILE).open("rb") as f, np.load(f) as npz:
       items = npz["item_vectors"]
     return cls(items, IndexConfig(**meta["config"]), step=meta["step"],
@@ -425,6 +461,7 @@ class ScannIndex(_Index):
     meta = _read_meta(directory)
     if meta["backend"] != cls.backend:
       raise ValueError(f"{directory!r} holds a {meta['backend']!r} index: use load_index()")
+    _check_files(directory, meta)
     scann = _import_scann()
     if scann is None:
       raise ImportError(
@@ -500,6 +537,18 @@ class SubsetIndex:
   def num_items(self) -> int:
     return self.inner.num_items
 
+  @property
+  def dim(self) -> int:
+    return self.inner.dim
+
+  @property
+  def step(self) -> int | None:
+    return self.inner.step
+
+  @property
+  def metadata(self) -> dict[str, Any]:
+    return self.inner.metadata
+
   def search(self, queries, k: int, query_mask=None) -> tuple[np.ndarray, np.ndarray]:
     """As `_Index.search`; ids are global, -1 stays -1."""
     ids, scores = self.inner.search(queries, k, query_mask=query_mask)
@@ -515,9 +564,12 @@ class SubsetIndex:
   @classmethod
   def load(cls, directory: str) -> "SubsetIndex":
     backend = _read_meta(directory).get("backend")
+    if backend not in _BACKENDS:
+      raise ValueError(f"{directory!r}: unknown index backend {backend!r}")
+    inner = _BACKENDS[backend].load(directory)  # checks every file, the id map too, first
     with (workdir.path(directory) / cls.IDS_FILE).open("rb") as f:
       item_ids = np.load(f)
-    return cls(_BACKENDS[backend].load(directory), item_ids)
+    return cls(inner, item_ids)
 
 
 # ---------------------------------------------------------------------------

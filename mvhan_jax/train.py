@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from mvhan_jax import artifacts
 from mvhan_jax import sharding
 from mvhan_jax import sparse
 from mvhan_jax import workdir as wd
@@ -144,38 +146,156 @@ def abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, tree, meta: dict, stamp: dict | None = None) -> None:
+  """Saves ``tree`` and the JSON ``meta`` as checkpoint ``step``. ``stamp`` (`artifacts.provenance` of
+  the run's config) goes into ``meta['artifact']`` with the step, every leaf's shape and dtype and a
+  sha256 of the tree, which `restore_checkpoint` checks."""
+  if stamp is not None:
+    checksum, note = artifacts.tree_checksum(tree)
+    meta = dict(meta, artifact=dict(stamp, format=artifacts.FORMAT, kind="checkpoint", step=int(step),
+                                    leaves=artifacts.leaf_signature(tree), checksum=checksum,
+                                    **({"checksum_note": note} if note else {})))
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target) -> tuple[Any, dict]:
-  """(tree, meta) of checkpoint ``step``, restored into ``target``'s shapes and shardings."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract(target)), meta=ocp.args.JsonRestore()))
-  return restored["state"], restored["meta"]
+def _where(mngr: ocp.CheckpointManager, step: int) -> str:
+  return str(wd.path(mngr.directory) / str(step))
 
 
-def restore_params(directory, state_template: TrainState, which: str = "best") -> tuple[Any, int]:
+def _damaged(mngr: ocp.CheckpointManager, step: int, reason: str) -> artifacts.ArtifactDamaged:
+  where = _where(mngr, step)
+  if wd.path(mngr.directory).name == "best":  # 'best' keeps one checkpoint: nothing older stands in for it
+    fix = "retrain: run --mode=train with another --workdir (or delete this one first)"
+  else:
+    fix = f"delete {where} and rerun to continue from the previous checkpoint, or retrain"
+  return artifacts.ArtifactDamaged(f"checkpoint {where} is damaged: {reason}; {fix}", reason)
+
+
+def _mismatch_fix(mngr: ocp.CheckpointManager) -> str:
+  directory = wd.path(mngr.directory)
+  for parent in (directory.parent, directory.parent.parent):  # <workdir>/best, <workdir>/psu/checkpoints
+    if (parent / "config.json").exists():
+      return f"use the config it was trained with (saved in {parent / 'config.json'}) or pass another --workdir"
+  return "use the config it was trained with or pass another --workdir"
+
+
+def checkpoint_stamp(mngr: ocp.CheckpointManager, step: int) -> dict | None:
+  """``meta['artifact']`` of checkpoint ``step`` (None for a checkpoint saved before stamps existed);
+  `artifacts.ArtifactDamaged` when its meta item cannot be read."""
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises KeyError, JSONDecodeError, OSError...
+    raise _damaged(mngr, step, f"its 'meta' item cannot be read ({artifacts.first_line(e)})") from e
+  return meta.get("artifact") if isinstance(meta, dict) else None
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target, config=None) -> tuple[Any, dict]:
+  """(tree, meta) of checkpoint ``step``, restored into ``target``'s shapes and shardings.
+
+  Before orbax reads an array, the checkpoint's stamp is compared with ``config`` (task, model, config
+  hash; skipped when None) and with ``target``'s leaves (`artifacts.ArtifactMismatch`); after, the
+  restored tree with the checksum saved with it (`artifacts.ArtifactDamaged`, as for files orbax
+  cannot read). Checkpoints saved before stamps existed are restored unchecked.
+  """
+  where = _where(mngr, step)
+  stamp = checkpoint_stamp(mngr, step)
+  if stamp is not None:
+    if config is not None:
+      artifacts.check_provenance(stamp, config, where, "checkpoint", _mismatch_fix(mngr))
+    diff = artifacts.signature_differences(stamp.get("leaves", {}), artifacts.leaf_signature(abstract(target)))
+    if diff:
+      raise artifacts.ArtifactMismatch(f"{where} does not fit the {stamp.get('model')} this config builds "
+                                       f"({'; '.join(diff)}): {_mismatch_fix(mngr)}")
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(target)), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  # missing files surface as KeyError, ValueError, ...
+    # Unstamped (older) checkpoints were not compared with the target first: it may not fit it either.
+    what = "orbax cannot read it" if stamp is not None else "orbax cannot read it into this config's state"
+    raise _damaged(mngr, step, f"{what} ({artifacts.first_line(e)})") from e
+  tree, meta = restored["state"], dict(restored["meta"])
+  meta.pop("artifact", None)
+  if stamp is not None and stamp.get("checksum"):
+    got, _ = artifacts.tree_checksum(tree, max_bytes=float("inf"))
+    if got is not None and got != stamp["checksum"]:
+      raise _damaged(mngr, step, "its arrays do not match the checksum saved with them")
+  return tree, meta
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target, config=None) -> tuple[Any, dict] | None:
+  """(tree, meta) of the newest intact checkpoint of ``mngr`` (None when it has none).
+
+  Newer damaged checkpoints are moved aside to ``damaged_<step>`` (orbax ignores such names, and the
+  resumed run saves those steps again) with a printed warning naming both steps; when every one is
+  damaged, `artifacts.ArtifactDamaged` names them all. A checkpoint of another model or config is an
+  `artifacts.ArtifactMismatch`, never skipped.
+  """
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = restore_checkpoint(mngr, step, target, config)
+    except artifacts.ArtifactDamaged as e:
+      damaged.append((step, e))
+      continue
+    if damaged:
+      _set_aside(mngr, [s for s, _ in damaged])
+      if jax.process_index() == 0:
+        print(f"warning: resuming {wd.path(mngr.directory)} from step {step}, the newest intact checkpoint, not "
+              f"from step {damaged[0][0]}: " + "; ".join(f"step {s} is damaged ({e.reason})" for s, e in damaged)
+              + f" (kept as {', '.join(f'damaged_{s}' for s, _ in damaged)})", file=sys.stderr, flush=True)
+    return restored
+  if damaged:
+    raise artifacts.ArtifactDamaged(
+        f"every checkpoint under {wd.path(mngr.directory)} is damaged (steps "
+        f"{', '.join(str(s) for s, _ in damaged)}; step {damaged[0][0]}: {damaged[0][1].reason}); delete that "
+        "directory to train from step 0, or pass another --workdir")
+  return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+  """Renames damaged step directories out of orbax's view (process 0; the others wait)."""
+  if jax.process_index() == 0:
+    for step in steps:
+      src = wd.path(mngr.directory) / str(step)
+      dst, n = wd.path(mngr.directory) / f"damaged_{step}", 1
+      while dst.exists():
+        dst, n = wd.path(mngr.directory) / f"damaged_{step}.{n}", n + 1
+      src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"mvhan_set_aside_{wd.path(mngr.directory).name}")
+  mngr.reload()
+
+
+def restore_params(directory, state_template: TrainState, which: str = "best", config=None) -> tuple[Any, int]:
   """(params, step) of the best-by-validation (``which='best'``) or the latest checkpoint of a stage
-  directory; ``state_template``: the stage's `abstract_state` (its params for 'best')."""
+  directory; ``state_template``: the stage's `abstract_state` (its params for 'best'); ``config``: the
+  config the caller builds the model from, checked against the checkpoint's (`restore_checkpoint`)."""
   if which == "best":
-    return restore_best(directory, state_template.params)
+    return restore_best(directory, state_template.params, config)
   path = wd.path(directory) / "checkpoints"
   mngr = checkpoint_manager(path, 1)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
-  return restore_checkpoint(mngr, step, state_template)[0].params, step
+    raise artifacts.ArtifactMissing(f"no checkpoint under {path}: run --mode=train with this --workdir first")
+  return restore_checkpoint(mngr, step, state_template, config)[0].params, step
 
 
-def restore_best(directory, target) -> tuple[Any, int]:
+def restore_best(directory, target, config=None) -> tuple[Any, int]:
   """The tree saved under ``<directory>/best`` (restored into ``target``) and its step."""
   path = wd.path(directory) / "best"
   mngr = checkpoint_manager(path, 1)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {path}: run --mode=train with this --workdir first")
-  return restore_checkpoint(mngr, step, target)[0], step
+    raise artifacts.ArtifactMissing(f"no checkpoint under {path}: run --mode=train with this --workdir first")
+  return restore_checkpoint(mngr, step, target, config)[0], step
+
+
+def best_stamp(directory, step: int) -> dict | None:
+  """The stamp of ``<directory>/best`` checkpoint ``step`` (None: no such checkpoint, or one saved
+  before stamps existed)."""
+  mngr = checkpoint_manager(wd.path(directory) / "best", 1)
+  return checkpoint_stamp(mngr, step) if step in mngr.all_steps() else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,8 +410,10 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
   latest = checkpoint_manager(directory / "checkpoints", 2)
   best = checkpoint_manager(directory / "best", 1) if stage.evaluate is not None else None
   meta = {"best_metric": -float("inf"), "best_step": -1, "evals_without_improvement": 0, "stopped_early": False}
-  if latest.latest_step() is not None:
-    state, meta = restore_checkpoint(latest, latest.latest_step(), state)
+  stamp = artifacts.provenance(config)
+  restored = restore_latest(latest, state, config)  # falls back over damaged checkpoints, with a warning
+  if restored is not None:
+    state, meta = restored
     print(f"{directory}: resumed from step {int(state.step)}", flush=True)
   elif stage.on_start is not None:
     state = _reshard(stage.on_start(state), state_shardings)
@@ -340,7 +462,7 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
         if value > meta["best_metric"]:
           meta.update(best_metric=float(value), best_step=step, evals_without_improvement=0)
           if best.latest_step() != step:  # a run killed between this save and the 'latest' one redoes the step
-            save_checkpoint(best, step, tree, meta)
+            save_checkpoint(best, step, tree, meta, stamp)
         else:
           meta["evals_without_improvement"] += 1
           if stage.patience and meta["evals_without_improvement"] >= stage.patience:
@@ -352,7 +474,7 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
       preempted = _any_process(sigterm.raised) if (jax.process_count() == 1 or step % stage.log_every == 0) else False
       if (is_eval or step % stage.checkpoint_every == 0 or step == stage.total_steps or step == stop_at
           or preempted):
-        save_checkpoint(latest, step, state, meta)
+        save_checkpoint(latest, step, state, meta, stamp)
       if step == fail_at:
         latest.wait_until_finished()
         if best is not None:

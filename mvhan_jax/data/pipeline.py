@@ -252,14 +252,15 @@ def load_arrays(source, chunk: int = 8192) -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def _cached_source(data_dir: str | None, maxlen: int) -> ArraySource:
   from mvhan_jax.data import tfds_movielens  # pylint: disable=g-import-not-at-top  # TFDS is heavy
-  return ArraySource(load_arrays(tfds_movielens.data_source(data_dir, maxlen)))
+  return ArraySource(tfds_movielens.train_arrays(load_arrays, data_dir, maxlen))  # checked against its checksum
 
 
 def movielens_train_source(data_dir: str | None = None, maxlen: int = 50) -> ArraySource:
   """The leave-one-out training examples of MovieLens-100k, read through `tfds.data_source`.
 
   Builds the TFDS ArrayRecord dataset under ``<data_dir>/tfds`` if missing, then loads the
-  ``train`` split into memory once per process (cached): fields ``user`` int32 [N],
+  ``train`` split into memory once per process (cached; checked against the checksum recorded when
+  it was built, and rebuilt with a warning when it fails: `tfds_movielens.train_arrays`): fields ``user`` int32 [N],
   ``history`` int32 [N, maxlen], ``history_len`` int32 [N], ``target`` int32 [N].
   """
   return _cached_source(data_dir, maxlen)

@@ -12,12 +12,18 @@ in exactly that order (``disable_shuffling``; the input pipeline shuffles), one 
   user int32 [], history int32 [maxlen], history_len int32 [], target int32 [].
 Builder configs are keyed by ``maxlen``: ``maxlen_20``, ``maxlen_50`` (default), ``maxlen_100``,
 ``maxlen_200``; any other value works through `builder(maxlen=...)` with an ad-hoc config.
+
+`train_arrays` (what training reads) checks the decoded split against a sha256 recorded beside the
+files when they were built, and rebuilds a cache that fails it, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import sys
 
 from etils import epath
 import numpy as np
@@ -120,3 +126,68 @@ def data_source(data_dir: str | None = None, maxlen: int = DEFAULT_MAXLEN, build
     return tfds.data_source(f"{NAME}/maxlen_{maxlen}", split="train", data_dir=tfds_dir(data_dir),
                             download=False)
   return b.as_data_source(split="train")
+
+
+# The sha256 of the decoded training arrays, written beside the ArrayRecord files when they are built.
+CHECKSUM_FILE = "mvhan_arrays.json"
+
+
+def _reference_arrays(data_dir: str | None, maxlen: int) -> dict[str, np.ndarray]:
+  """The training examples computed in memory from the raw files (what the cache must hold)."""
+  data = movielens.load_movielens_100k(data_dir)
+  return protocol.training_examples(protocol.leave_one_out(data).train_sequences, maxlen)
+
+
+def _read_checked(data_dir: str | None, maxlen: int, load) -> tuple[dict[str, np.ndarray] | None, str | None]:
+  """(arrays, None) when the cache reads and matches its checksum, else (None, what is wrong)."""
+  from mvhan_jax import artifacts  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import workdir  # pylint: disable=import-outside-toplevel
+  b = builder(data_dir, maxlen)
+  if not b.is_prepared():  # a build's own failures (no raw files, no network) are not a damaged cache
+    arrays = load(data_source(data_dir, maxlen))
+  else:
+    try:
+      arrays = load(data_source(data_dir, maxlen))
+    except Exception as e:  # pylint: disable=broad-except  # Riegeli: RuntimeError("Corrupted ..."), OSError...
+      return None, f"cannot be read ({artifacts.first_line(e)})"
+  record = epath.Path(b.data_dir) / CHECKSUM_FILE
+  checksum = artifacts.arrays_checksum(arrays)
+  if record.exists():
+    try:
+      saved = json.loads(record.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+      saved = None
+    if saved != checksum:
+      return None, f"does not match the checksum in {record}"
+    return arrays, None
+  # Built before checksums existed (or the record was lost): compare once with the examples the
+  # raw files give, then record the checksum.
+  want = _reference_arrays(data_dir, maxlen)
+  if want.keys() != arrays.keys() or any(not np.array_equal(want[k], arrays[k]) for k in want):
+    return None, "differs from the examples of the raw MovieLens files"
+  workdir.write_json(record, {"sha256": checksum, "examples": int(len(arrays["target"])), "maxlen": maxlen})
+  return arrays, None
+
+
+def train_arrays(load, data_dir: str | None = None, maxlen: int = DEFAULT_MAXLEN) -> dict[str, np.ndarray]:
+  """The ``train`` split as in-memory arrays, built if missing, checked against the sha256 recorded
+  beside the cache when it was built. A cache that cannot be read or fails the check is deleted and
+  rebuilt (~10 s, from the raw files) with a printed warning; the rebuilt one must pass, else the
+  error names the folder to delete.
+
+  load: reads a data source into arrays (`pipeline.load_arrays`, passed in: pipeline imports this).
+  """
+  from mvhan_jax import artifacts  # pylint: disable=import-outside-toplevel
+  arrays, problem = _read_checked(data_dir, maxlen, load)
+  if problem is None:
+    return arrays
+  folder = builder(data_dir, maxlen).data_dir
+  print(f"warning: the MovieLens training-example cache {folder} {problem}: rebuilding it", file=sys.stderr,
+        flush=True)
+  shutil.rmtree(folder, ignore_errors=True)
+  arrays, again = _read_checked(data_dir, maxlen, load)
+  if again is not None:
+    raise artifacts.ArtifactDamaged(f"the MovieLens training-example cache {folder} {again} even after a rebuild: "
+                                    f"delete {folder} and check the raw files under "
+                                    f"{os.path.join(data_dir or movielens.default_data_dir(), 'ml-100k')}")
+  return arrays

@@ -188,7 +188,7 @@ def evaluate(exp: RankingExperiment, params, split: str) -> dict[str, float]:
 
 def restore_params(workdir, exp: RankingExperiment, which: str = "best") -> tuple[Any, int]:
   """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which)
+  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which, exp.config)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mvhan_jax import artifacts
 from mvhan_jax import evaluation
 from mvhan_jax import losses
 from mvhan_jax import models
@@ -370,18 +371,69 @@ def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
 
 def restore_params(workdir, exp: Experiment, which: str = "best") -> tuple[Any, int]:
   """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which)
+  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which, exp.config)
+
+
+def index_provenance(exp: Experiment, workdir, step: int) -> dict[str, Any]:
+  """What an index of the parameters of ``step`` records of them (beside its step, item count and
+  dimension): model, config hash and checksum of the best checkpoint of that step when the vectors
+  come from it (the current config's hash otherwise), the catalogue size, the dataset."""
+  stamp = loop.best_stamp(workdir, step) or {}
+  out = {"dataset": exp.config.dataset.name, "model": exp.config.model.name,
+         "config_hash": stamp.get("config_hash") or artifacts.config_hash(exp.config),
+         "catalogue_items": int(exp.data.num_items)}
+  if stamp.get("checksum"):
+    out["checkpoint_checksum"] = stamp["checksum"]
+  return out
+
+
+def item_dim(exp: Experiment, params) -> int:
+  """The width of the item vectors ``params`` produce (traced, nothing computed)."""
+  _, enc = _jitted_encoders(exp.model)
+  return int(jax.eval_shape(lambda p: enc(p, jnp.zeros((1,), jnp.int32), exp.tables), params).shape[-1])
+
+
+def load_serving_index(exp: Experiment, workdir, params, step: int, index_dir=None):
+  """The saved index (``<workdir>/index`` or ``index_dir``) after checking that it indexes the best
+  checkpoint being served: same step, model, config hash (and checkpoint checksum when both are
+  recorded), catalogue size and vector width; `artifacts.ArtifactMismatch` names what differs.
+  `retrieval.load_index` has already checked its files against their digests."""
+  index_dir = wd.path(index_dir if index_dir is not None else wd.path(workdir) / "index")
+  index = retrieval.load_index(str(index_dir))
+  meta, stamp = index.metadata, loop.best_stamp(workdir, step) or {}
+  want_hash = stamp.get("config_hash") or artifacts.config_hash(exp.config)
+  problems = []
+  if index.step != step:
+    problems.append(f"it was built from step {index.step}, the best checkpoint is step {step}")
+  if meta.get("model", exp.config.model.name) != exp.config.model.name:
+    problems.append(f"it indexes a {meta['model']} model, this config builds {exp.config.model.name}")
+  if meta.get("config_hash", want_hash) != want_hash:
+    problems.append(f"its config hash is {meta['config_hash']}, the checkpoint's {want_hash}")
+  elif meta.get("checkpoint_checksum") and stamp.get("checksum") and meta["checkpoint_checksum"] != stamp["checksum"]:
+    problems.append("it was built from another checkpoint of that step and config")
+  items = meta.get("catalogue_items", None if isinstance(index, retrieval.SubsetIndex) else index.num_items)
+  if items is not None and items != exp.data.num_items:
+    problems.append(f"it holds {items} items, the dataset {exp.data.num_items}")
+  dim = item_dim(exp, params)
+  if index.dim != dim:
+    problems.append(f"its vectors have dimension {index.dim}, the model's {dim}")
+  if problems:
+    raise artifacts.ArtifactMismatch(f"the index in {index_dir} does not match the best checkpoint "
+                                     f"({'; '.join(problems)}): rebuild it with --mode=index")
+  return index
 
 
 def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> dict[str, Any]:
-  """Indexes the item vectors, saves the index with its step, and measures ANN recall@10 vs exact."""
+  """Indexes the item vectors, saves the index with its step and provenance (`index_provenance`),
+  and measures ANN recall@10 vs exact."""
   items = encode_items(exp, params)
   cfg = retrieval.IndexConfig.for_size(items.shape[0], **{k: v for k, v in exp.config.index.items() if k != "build"})
   t0 = time.perf_counter()
   index = retrieval.build_index(items, cfg)
   build_s = time.perf_counter() - t0
   path = wd.path(workdir) / "index"
-  index.save(str(path), step=step, metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name})
+  provenance = index_provenance(exp, workdir, step)
+  index.save(str(path), step=step, metadata=provenance)
   test = exp.eval_sets["test"]
   users, mask = encode_users(exp, params, test)
   out = {"backend": type(index).__name__, "path": "index", "build_seconds": build_s}
@@ -391,11 +443,12 @@ def build_and_save_index(exp: Experiment, params, step: int, workdir: str) -> di
     _, exact_ids = evaluation.exact_topk(users, items, k, query_mask=mask)
     out[f"ann_recall@{k}"] = float(retrieval.ann_recall(ann_ids, np.asarray(exact_ids)))
   if exp.item_type is not None:
-    out["types"] = build_and_save_type_indexes(exp, items, users, mask, step, path)
+    out["types"] = build_and_save_type_indexes(exp, items, users, mask, step, path, provenance)
   return out
 
 
-def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, path: str) -> dict[str, Any]:
+def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, path: str,
+                                provenance: dict[str, Any] | None = None) -> dict[str, Any]:
   """MV-HAN's per-type serving: one index per content type under ``<index>/types/<name>`` (global
   item ids), and each one's ANN recall@10 against the exact top-10 among that type's items."""
   out = {}
@@ -406,7 +459,8 @@ def build_and_save_type_indexes(exp: Experiment, items, users, mask, step: int, 
     cfg = retrieval.IndexConfig.for_size(len(members), **{k: v for k, v in exp.config.index.items() if k != "build"})
     index = retrieval.SubsetIndex.build(items, members, cfg)
     index.save(str(path / "types" / name), step=step,
-               metadata={"dataset": exp.config.dataset.name, "model": exp.config.model.name, "type": name})
+               metadata=dict(provenance or {"dataset": exp.config.dataset.name, "model": exp.config.model.name},
+                             type=name))
     k = min(10, len(members))
     ann_ids, _ = index.search(users, k, query_mask=mask)
     _, exact_local = evaluation.exact_topk(users, items[members], k, query_mask=mask)

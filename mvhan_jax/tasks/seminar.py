@@ -395,7 +395,7 @@ def restore_best(workdir, exp: SeminarExperiment):
   template = loop.abstract_state(_params_fn(exp), (jax.random.key(0), _example(source), exp.tables, None), tx, mesh,
                                  sharding.mesh_config(exp.config),
                                  extra=np.zeros(_codebook_shape(exp.config, exp.data), np.float32))
-  tree, step = loop.restore_best(workdir, {"params": template.params, "codebooks": template.extra})
+  tree, step = loop.restore_best(workdir, {"params": template.params, "codebooks": template.extra}, exp.config)
   tree = sharding.host_local(tree)
   return tree["params"], tree["codebooks"], step
 
