@@ -1,0 +1,2 @@
+class UserError(Exception):
+  """A failure the user can fix; the CLI prints its message alone."""
