@@ -24,6 +24,8 @@ from typing import Mapping
 from absl import logging
 import jax
 
+from mvhan_jax import errors
+
 ENV_ADDRESS = ("MVHAN_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 ENV_NUM = "MVHAN_NUM_PROCESSES"
 ENV_ID = "MVHAN_PROCESS_ID"
@@ -33,6 +35,10 @@ ENV_ID = "MVHAN_PROCESS_ID"
 class Plan:
   mode: str                      # 'single' | 'tpu' | 'slurm' | 'kubernetes' | 'explicit'
   kwargs: dict                   # arguments for jax.distributed.initialize (mode != 'single')
+
+
+class LaunchError(errors.UserError, ValueError):
+  """Multi-process flags (or their environment variables) that do not describe one job."""
 
 
 def _on_tpu(env: Mapping[str, str], platform: str | None) -> bool:
@@ -64,10 +70,11 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
              "process_id": pid}
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise ValueError(f"multi-process run needs coordinator_address, num_processes and process_id; missing "
-                       f"{missing}: pass --{missing[0]} (or set {ENV_ADDRESS[0]}, {ENV_NUM}, {ENV_ID})")
+      raise LaunchError(f"multi-process run needs coordinator_address, num_processes and process_id; missing "
+                        f"{missing}: pass --{missing[0]} (or set {ENV_ADDRESS[0]}, {ENV_NUM}, {ENV_ID})")
     if not 0 <= pid < num:
-      raise ValueError(f"process_id={pid} must be in [0, num_processes={num})")
+      raise LaunchError(f"process_id={pid} must be in [0, num_processes={num}): give each process its own "
+                        f"--process_id in 0..{num - 1}")
     return Plan("explicit", given)
   if _on_tpu(env, platform):
     return Plan("tpu", {})

@@ -40,6 +40,9 @@ class Sampler:
     return np.log(np.maximum(self.probs, 1e-30)).astype(np.float32)
 
 
+SAMPLERS = ("uniform", "log_uniform", "popularity")
+
+
 def make_sampler(name: str, item_counts: np.ndarray, alpha: float = 0.75) -> Sampler:
   """Builds a proposal distribution from training item counts.
 

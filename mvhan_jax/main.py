@@ -12,16 +12,27 @@ r"""The one command-line entry point, for every model: train, evaluate, index, r
 a retrieval model also gets its ANN index built and saved and three example recommendations, and
 with --plots (default) the evaluation figures are written as PNG into <workdir>/plots/ (what each
 task can draw: mvhan_jax/report.py). The logic lives in mvhan_jax/modes.py.
+
+Errors. Every input is checked before any data is loaded or folder written. A failure the user can
+fix (a `mvhan_jax.errors.UserError`: a bad flag, config file, config arg or field, an untrained
+workdir, a damaged dataset copy) prints one line ``mvhan-train: <message>`` on stderr, naming the
+flag, field or file and the fix, and exits with status 2; ``--verbosity=1`` prints its traceback
+too. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from mvhan_jax import errors
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, index and results (local or gs://...).")
@@ -60,9 +71,81 @@ def main(argv):
     sys.exit(143)
 
 
-def run():
+class FlagError(errors.UserError, ValueError):
+  """A command line absl or the config flag refuses: unknown flag, bad value, missing config file."""
+
+
+def _exception_chain(e: BaseException) -> list[BaseException]:
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _flag_error(e: Exception, argv: list[str]) -> errors.UserError | None:
+  """The user error behind a failed flag parse, or None for a bug (a config file that crashes)."""
+  chain = _exception_chain(e)
+  users = [x for x in chain if isinstance(x, errors.UserError)]
+  if users:  # config_flags re-raises a config file's error as a copy holding the traceback: take the original
+    return users[-1]
+  if isinstance(e, flags.Error):
+    if "Error whilst parsing config file" in str(e):  # the config file raised something not a UserError
+      return None
+    return FlagError(f"{' '.join(str(e).split())} (--helpshort lists the flags)")
+  frames = traceback.extract_tb(e.__traceback__)
+  if isinstance(e, (AttributeError, KeyError)) and any(f.filename.endswith("config_path.py") for f in frames):
+    # --config.a.b=... naming a field the config does not have (ml_collections' own message spans lines).
+    key = str(next((x.args[0] for x in reversed(chain) if isinstance(x, KeyError) and x.args), ""))
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    flag = next((a for a in given if key in a[len("--config."):].split(".")), "--config.<field>")
+    guess = re.search(r'Did you mean "([^"]+)"', str(e))
+    hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
+    return FlagError(f"{flag}: the config has no field {key!r}{hint}: fix the name; the config file lists its fields")
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with what the user got wrong raised as a `UserError` (see `run`)."""
+  try:
+    rest = FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # sorted into user errors and bugs below
+    user = _flag_error(e, argv)
+    if user is None:
+      raise
+    raise user from None
+  config = FLAGS["config"].value
+  if type(config).__name__ == "_ErrorConfig":  # config_flags defers a missing file's error to first use
+    path = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.exists(path):
+      raise FlagError(f"--config={path}: no such file (a relative path starts at the working directory {os.getcwd()})")
+    config.lock()  # raises the deferred error itself
+  return rest
+
+
+def _verbosity(argv: list[str]) -> int:
+  if FLAGS.is_parsed():
+    return FLAGS.verbosity
+  for i, a in enumerate(argv):  # the parse failed: read --verbosity / -v from the command line
+    m = re.fullmatch(r"--?(?:verbosity|v)(?:=(-?\d+))?", a)
+    if m:
+      value = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
+      return int(value) if re.fullmatch(r"-?\d+", value) else 0
+  return 0
+
+
+def run(argv: list[str] | None = None):
+  """The `mvhan-train` entry point: a `UserError` is one line on stderr and exit status 2 (its
+  traceback too with --verbosity >= 1); any other exception keeps its traceback."""
+  argv = list(sys.argv if argv is None else argv)
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  try:
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+  except errors.UserError as e:
+    if _verbosity(argv) >= 1:
+      traceback.print_exc()
+    print(f"mvhan-train: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mvhan_jax import configs
+
 MESH_AXES = ("data", "model")
 
 
@@ -74,29 +76,50 @@ def mesh_config(config) -> ml_collections.ConfigDict:
   if user:
     for k, v in user.items():
       if k not in c:
-        raise ValueError(f"config.mesh.{k} is unknown: use one of {sorted(c)}")
+        raise configs.ConfigError(f"config.mesh.{k} is unknown: use one of {sorted(c)}")
       c[k] = ((v,) if isinstance(v, str) else tuple(v)) if k == "table_axes" else v
   for a in c.table_axes:
     if a not in MESH_AXES:
-      raise ValueError(f"config.mesh.table_axes={tuple(c.table_axes)!r} names {a!r}: use axes of {MESH_AXES}")
+      raise configs.ConfigError(f"config.mesh.table_axes={tuple(c.table_axes)!r} names {a!r}: use axes of {MESH_AXES}")
   return c
 
 
+def check_mesh(config) -> tuple[int, int]:
+  """``config.mesh`` against this job's devices, before any work (what `mesh_from_config` would
+  refuse later): the (data, model) shape, or a `configs.ConfigError` naming the field."""
+  c = mesh_config(config)
+  return mesh_shape(c.data, c.model, jax.device_count())
+
+
+def check_batches(config, batch_sizes: dict[str, int]) -> None:
+  """Each global batch (``{'train.batch_size': 32}``: the field and its value) against the mesh's
+  data axis and the process count, as `batch_sharding` checks it when training starts."""
+  data, _ = check_mesh(config)
+  for name, size in batch_sizes.items():
+    if size % data:
+      raise configs.ConfigError(f"config.{name}={size} does not split over the mesh's data axis of {data} devices: "
+                                f"use a multiple of {data} (or change config.mesh.data)")
+    if size % jax.process_count():
+      raise configs.ConfigError(f"config.{name}={size} does not split over {jax.process_count()} processes: "
+                                f"use a multiple of {jax.process_count()}")
+
+
 def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
-  """Resolves a -1 in (data, model) against ``num_devices``; ValueError naming the field if impossible."""
+  """Resolves a -1 in (data, model) against ``num_devices``; `configs.ConfigError` (a ValueError)
+  naming the field if impossible."""
   if data == -1 and model == -1:
-    raise ValueError("config.mesh.data and config.mesh.model are both -1: set at most one to -1")
+    raise configs.ConfigError("config.mesh.data and config.mesh.model are both -1: set at most one to -1")
   if model == -1:
     if data < 1 or num_devices % data:
-      raise ValueError(f"config.mesh.data={data} does not divide the {num_devices} devices: pick a divisor")
+      raise configs.ConfigError(f"config.mesh.data={data} does not divide the {num_devices} devices: pick a divisor")
     model = num_devices // data
   if data == -1:
     if model < 1 or num_devices % model:
-      raise ValueError(f"config.mesh.model={model} does not divide the {num_devices} devices: pick a divisor")
+      raise configs.ConfigError(f"config.mesh.model={model} does not divide the {num_devices} devices: pick a divisor")
     data = num_devices // model
   if data * model != num_devices:
-    raise ValueError(f"config.mesh.data={data} x config.mesh.model={model} != {num_devices} devices: "
-                     "make the product equal the device count, or set one of them to -1")
+    raise configs.ConfigError(f"config.mesh.data={data} x config.mesh.model={model} != {num_devices} devices: "
+                              "make the product equal the device count, or set one of them to -1")
   return data, model
 
 
@@ -172,10 +195,10 @@ def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
   """Leading (batch) axis split over 'data', replicated over 'model'."""
   n = mesh.shape["data"]
   if batch_size is not None and batch_size % n:
-    raise ValueError(f"config.batch_size={batch_size} does not split over the mesh's data axis of {n} devices: "
-                     f"use a multiple of {n} (or change config.mesh.data)")
+    raise configs.ConfigError(f"config.batch_size={batch_size} does not split over the mesh's data axis of {n} "
+                              f"devices: use a multiple of {n} (or change config.mesh.data)")
   if batch_size is not None and batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={batch_size} does not split over {jax.process_count()} processes")
+    raise configs.ConfigError(f"config.batch_size={batch_size} does not split over {jax.process_count()} processes")
   return NamedSharding(mesh, P("data"))
 
 

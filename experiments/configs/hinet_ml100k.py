@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for ablation in ("no_san", "no_specific", "shared_tower"):
     if ablation in args:
       if c.model.name != "hinet":
-        raise ValueError(f"config arg {ablation!r} is a HiNet ablation: use it with model=hinet")
+        raise configs.ConfigError(f"config arg {ablation!r} is a HiNet ablation: use it with model=hinet")
   if "no_san" in args:
     c.model.use_san = False
   if "no_specific" in args:
@@ -118,5 +118,5 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     m.num_shared = 2
     m.num_levels = 2
   elif name not in ("shared_bottom", "star"):
-    raise ValueError(f"config arg model={name!r} is unknown: use hinet, shared_bottom, mmoe, ple or star")
+    raise configs.ConfigError(f"config arg model={name!r} is unknown: use hinet, shared_bottom, mmoe, ple or star")
   return m

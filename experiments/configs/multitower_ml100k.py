@@ -32,7 +32,7 @@ ARGS = ("extractor=", "K=", "tower=", "readout=", "score=", "lse_t=", "repel=", 
 def _choice(args, key, default, allowed):
   value = args.get(key, default)
   if value not in allowed:
-    raise ValueError(f"multitower config: {key}={value!r} is unknown: use one of {allowed}")
+    raise configs.ConfigError(f"multitower config: {key}={value!r} is unknown: use one of {allowed}")
   return value
 
 

@@ -20,7 +20,7 @@ ARGS = _mt.ARGS
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_args(arg, ARGS, __file__)
   if args.get("protocol", "comirec") != "comirec":
-    raise ValueError("multitower_synthetic.py: the synthetic world is evaluated with protocol=comirec only")
+    raise configs.ConfigError("multitower_synthetic.py: the synthetic world is evaluated with protocol=comirec only")
   c = configs.sibling(__file__, "mind_synthetic").get_config(_mt.mind_args(args))
   if "epochs" in args:
     c.num_epochs = int(args["epochs"])

@@ -67,12 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       m.share_fel = "fel_per_type" not in args
       m.interaction = "mlp" if "mlp" in args else "mhsa"
     elif {"exclusive_embeddings", "fel_per_type", "mlp"} & set(args):
-      raise ValueError("the sharing / interaction ablations apply to model=mvhan only (MV-DNN fixes them)")
+      raise configs.ConfigError("the sharing / interaction ablations apply to model=mvhan only (MV-DNN fixes them)")
     c.model = m
   else:
-    raise ValueError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
+    raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
   if "typed" in args and "pooled" in args:
-    raise ValueError("mvhan_ml100k.py: 'typed' and 'pooled' exclude each other; give one")
+    raise configs.ConfigError("mvhan_ml100k.py: 'typed' and 'pooled' exclude each other; give one")
   if "typed" in args:
     c.type_schedule = (1, 2, 1, 3)
     c.loss.negatives_per_type = True

@@ -7,9 +7,13 @@ Sources, tried in order (the first that works wins; the result is cached under
       * GroupLens: ``u.data``, ``u.item`` (latin-1, ``|``-separated, 19 genre flags), ``u.user``;
       * RecBole atomic files: ``ml-100k.inter``, ``ml-100k.item``, ``ml-100k.user`` (UTF-8,
         tab-separated, typed headers such as ``user_id:token``);
-  (b) the canonical GroupLens zip (short timeout: often unreachable from sandboxes);
+  (b) the canonical GroupLens zip (often unreachable from sandboxes);
   (c) the copy shipped inside the PyPI wheel ``recbole==1.2.1``, fetched with ``pip download`` and
       read with `zipfile` (never installed), checked against known sha256 digests.
+Each download says on stderr what it fetches, and gives up after ``DOWNLOAD_TIMEOUT_S`` without an
+answer (a network that accepts connections and never answers) or ``DOWNLOAD_DEADLINE_S`` in all.
+A damaged local copy is an error naming the file, the line and the fix (`DataFileError`), never
+silently replaced; no source at all is one `DownloadError` listing each source and the manual fix.
 
 Both formats produce *identical* arrays (tested): the RecBole file splits the GroupLens title
 "Toy Story (1995)" into ``movie_title`` + ``release_year`` and stores genres as names, so we rebuild
@@ -43,12 +47,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
 
+from mvhan_jax import errors
 from mvhan_jax.data.types import InteractionData
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -76,6 +82,19 @@ TITLE_LEN = 8
 
 GROUPLENS_FILES = ("u.data", "u.item", "u.user")
 RECBOLE_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+# Seconds without an answer (connect, or between two reads) before a source is given up, and for a
+# whole download (a server that trickles): a stalled network costs this, not pip's 5 retries.
+DOWNLOAD_TIMEOUT_S = 20.0
+DOWNLOAD_DEADLINE_S = 180.0
+
+
+class DataFileError(errors.UserError, ValueError):
+  """A local MovieLens copy that is damaged or not ml-100k: the message names the file (and line) and
+  the fix."""
+
+
+class DownloadError(errors.UserError, RuntimeError):
+  """No source of MovieLens-100k worked: the message lists each one's failure and the manual fix."""
 
 
 def default_data_dir() -> str:
@@ -96,27 +115,46 @@ class _Raw:
     self.ratings = ratings  # list of (raw_user, raw_item, rating:float, timestamp:int)
 
 
-def _read_grouplens(files: dict[str, bytes]) -> _Raw:
-  ratings = []
-  for line in files["u.data"].decode("latin-1").splitlines():
-    if line.strip():
-      u, i, r, t = line.split("\t")
-      ratings.append((int(u), int(i), float(r), int(t)))
-  items = []
-  for line in files["u.item"].decode("latin-1").splitlines():
+def _refetch_fix(where: str) -> str:
+  """How to repair a damaged copy found at ``where`` (a cache folder, or the URL it came from)."""
+  if "://" in where:
+    return "the download was damaged: run again to download it again"
+  return (f"delete the folder {where} so that the next run downloads it again (it is <data_dir>/ml-100k, "
+          "data_dir being --data_dir, else $MVHAN_DATA_DIR, else ~/.cache/mvhan_jax)")
+
+
+def _rows(files: dict[str, bytes], name: str, where: str, sep: str, fields: Sequence[str], parse: Callable):
+  """``parse(parts)`` of every non-blank line of GroupLens file ``name``; a line with another number of
+  fields or a value ``parse`` refuses is a `DataFileError` naming the file, the line and the fix."""
+  out = []
+  for lineno, line in enumerate(files[name].decode("latin-1").splitlines(), 1):
     if not line.strip():
       continue
-    parts = line.split("|")
-    if len(parts) != 5 + len(GENRES):
-      raise ValueError(f"u.item: expected {5 + len(GENRES)} '|'-separated fields, got {len(parts)} in {line!r}")
-    flags = parts[5:]
-    genres = tuple(g for g, f in zip(GENRES, flags) if f.strip() == "1")
-    items.append((int(parts[0]), parts[1].strip(), genres))
-  users = []
-  for line in files["u.user"].decode("latin-1").splitlines():
-    if line.strip():
-      u, age, gender, occ, zc = line.split("|")
-      users.append((int(u), int(age) if age.strip().isdigit() else None, gender, occ, zc.strip()))
+    parts = line.split(sep)
+    try:
+      if len(parts) != len(fields):
+        raise ValueError(f"{len(parts)} fields")
+      out.append(parse(parts))
+    except ValueError:
+      shown = line if len(line) <= 80 else line[:77] + "..."
+      layout = f"{len(fields)} {'tab' if sep == chr(9) else repr(sep)}-separated fields ({', '.join(fields)})"
+      raise DataFileError(f"{os.path.join(where, name)} line {lineno} is not {layout}: {shown!r}; "
+                          f"{_refetch_fix(where)}") from None
+  return out
+
+
+def _read_grouplens(files: dict[str, bytes], where: str = "ml-100k") -> _Raw:
+  """``where``: the folder (or URL) the files came from, named in errors."""
+  ratings = _rows(files, "u.data", where, "\t", ("user", "item", "rating", "timestamp"),
+                  lambda p: (int(p[0]), int(p[1]), float(p[2]), int(p[3])))
+
+  def item(parts):
+    genres = tuple(g for g, f in zip(GENRES, parts[5:]) if f.strip() == "1")
+    return int(parts[0]), parts[1].strip(), genres
+
+  items = _rows(files, "u.item", where, "|", ("id", "title", "release", "video release", "url", *GENRES), item)
+  users = _rows(files, "u.user", where, "|", ("id", "age", "gender", "occupation", "zip"),
+                lambda p: (int(p[0]), int(p[1]) if p[1].strip().isdigit() else None, p[2], p[3], p[4].strip()))
   return _Raw(users, items, ratings)
 
 
@@ -209,14 +247,16 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
   return out
 
 
-def _build(raw: _Raw) -> InteractionData:
+def _build(raw: _Raw, where: str = "ml-100k") -> InteractionData:
+  """``where``: the folder (or URL) the files came from, named in errors."""
   user_rows = sorted(raw.users)
   item_rows = sorted(raw.items)
   user_ids = np.array([u[0] for u in user_rows], np.int64)
   item_ids = np.array([i[0] for i in item_rows], np.int64)
   for name, ids in (("user", user_ids), ("item", item_ids)):
     if len(np.unique(ids)) != len(ids):
-      raise ValueError(f"MovieLens {name} file lists some {name} id more than once")
+      raise DataFileError(f"MovieLens-100k at {where}: the {name} file lists some {name} id more than once; "
+                          f"{_refetch_fix(where)}")
 
   r = np.array([x[:2] for x in raw.ratings], np.int64).reshape(-1, 2)
   ru, ri = r[:, 0], r[:, 1]
@@ -225,8 +265,8 @@ def _build(raw: _Raw) -> InteractionData:
   bad_u = (u >= len(user_ids)) | (user_ids[np.minimum(u, len(user_ids) - 1)] != ru)
   bad_i = (i >= len(item_ids)) | (item_ids[np.minimum(i, len(item_ids) - 1)] != ri)
   if bad_u.any() or bad_i.any():
-    raise ValueError(f"MovieLens ratings reference {int(bad_u.sum())} rows with users and "
-                     f"{int(bad_i.sum())} rows with items missing from the user/item files")
+    raise DataFileError(f"MovieLens-100k at {where}: the ratings reference {int(bad_u.sum())} rows with users and "
+                        f"{int(bad_i.sum())} rows with items missing from the user/item files; {_refetch_fix(where)}")
   rating = np.array([x[2] for x in raw.ratings], np.float32)
   ts = np.array([x[3] for x in raw.ratings], np.int64)
   order = np.lexsort((i, ts, u))  # canonical row order: by user, then time, then item
@@ -259,12 +299,12 @@ def _build(raw: _Raw) -> InteractionData:
 
 def parse_grouplens(directory: str) -> InteractionData:
   """Parses a GroupLens copy (``u.data``, ``u.item``, ``u.user``) in `directory`."""
-  return _build(_read_grouplens(_read_files(directory, GROUPLENS_FILES)))
+  return _build(_read_grouplens(_read_files(directory, GROUPLENS_FILES), directory), directory)
 
 
 def parse_recbole(directory: str) -> InteractionData:
   """Parses RecBole atomic files (``ml-100k.{inter,item,user}``) in `directory`."""
-  return _build(_read_recbole(_read_files(directory, RECBOLE_FILES)))
+  return _build(_read_recbole(_read_files(directory, RECBOLE_FILES)), directory)
 
 
 def _read_files(directory: str, names: Sequence[str]) -> dict[str, bytes]:
@@ -287,7 +327,7 @@ def _check_recbole(files: dict[str, bytes], where: str) -> None:
   for ext, want in RECBOLE_SHA256.items():
     got = _sha256(files[f"ml-100k.{ext}"])
     if got != want:
-      raise ValueError(
+      raise DataFileError(
           f"{where}/ml-100k.{ext} has sha256 {got}, expected {want} (the recbole==1.2.1 copy): the file "
           "is corrupt or a different version; delete it so that it is fetched again, or place the "
           "GroupLens files u.data/u.item/u.user there instead")
@@ -296,9 +336,9 @@ def _check_recbole(files: dict[str, bytes], where: str) -> None:
 def _check_counts(data: InteractionData, where: str) -> None:
   got = (data.num_users, data.num_items, len(data.user))
   if got != (NUM_USERS, NUM_ITEMS, NUM_RATINGS):
-    raise ValueError(f"MovieLens-100k at {where} has (users, items, ratings) = {got}, expected "
-                     f"{(NUM_USERS, NUM_ITEMS, NUM_RATINGS)}: the copy is truncated or not ml-100k; "
-                     "delete it so that it is fetched again")
+    raise DataFileError(f"MovieLens-100k at {where} has (users, items, ratings) = {got}, expected "
+                        f"{(NUM_USERS, NUM_ITEMS, NUM_RATINGS)}: the copy is truncated or not ml-100k; "
+                        f"{_refetch_fix(where)}")
 
 
 def _write_atomic(directory: str, files: dict[str, bytes]) -> None:
@@ -318,28 +358,55 @@ def _from_local(cache: str) -> InteractionData:
   if all(os.path.exists(os.path.join(cache, n)) for n in RECBOLE_FILES):
     files = _read_files(cache, RECBOLE_FILES)
     _check_recbole(files, cache)
-    return _build(_read_recbole(files))
+    return _build(_read_recbole(files), cache)
   raise FileNotFoundError(f"no complete copy in {cache} (need {'/'.join(GROUPLENS_FILES)} or "
                           f"{'/'.join(RECBOLE_FILES)})")
 
 
-def _from_grouplens(cache: str, timeout: float = 5.0) -> InteractionData:
-  with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:
-    blob = resp.read()
+def _say(message: str) -> None:
+  # stderr, not logging: the CLI shows warnings only, and a download must not look like a hang.
+  print(f"MovieLens-100k: {message}", file=sys.stderr, flush=True)
+
+
+def _download(url: str, timeout: float, deadline: float) -> bytes:
+  """The body at ``url``; TimeoutError after ``timeout`` s without an answer or ``deadline`` s in all."""
+  t0 = time.monotonic()
+  chunks = []
+  with urllib.request.urlopen(url, timeout=timeout) as resp:
+    while chunk := resp.read(1 << 16):
+      chunks.append(chunk)
+      if time.monotonic() - t0 > deadline:
+        raise TimeoutError(f"still downloading after {deadline:g} s")
+  return b"".join(chunks)
+
+
+def _from_grouplens(cache: str) -> InteractionData:
+  _say(f"no local copy in {cache}; downloading {GROUPLENS_URL} (gives up after {DOWNLOAD_TIMEOUT_S:g} s without "
+       f"an answer, then tries the PyPI wheel {RECBOLE_REQUIREMENT})")
+  try:
+    blob = _download(GROUPLENS_URL, DOWNLOAD_TIMEOUT_S, DOWNLOAD_DEADLINE_S)
+  except TimeoutError as e:  # socket.timeout: the read got no byte in time
+    raise TimeoutError(f"no answer within {DOWNLOAD_TIMEOUT_S:g} s ({e})") from e
   with zipfile.ZipFile(io.BytesIO(blob)) as z:
     files = {n: z.read(f"ml-100k/{n}") for n in GROUPLENS_FILES}
   # No published sha256 of the zip is known to us: check the row counts instead.
-  data = _build(_read_grouplens(files))
+  data = _build(_read_grouplens(files, GROUPLENS_URL), GROUPLENS_URL)
   _check_counts(data, GROUPLENS_URL)
   _write_atomic(cache, files)
   return data
 
 
-def _from_recbole_wheel(cache: str, timeout: float = 300.0) -> InteractionData:
+def _from_recbole_wheel(cache: str) -> InteractionData:
+  _say(f"fetching the copy inside the PyPI wheel {RECBOLE_REQUIREMENT} with pip download (gives up after "
+       f"{DOWNLOAD_TIMEOUT_S:g} s without an answer)")
   with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           RECBOLE_REQUIREMENT, "-d", tmp, "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # pip's own defaults (15 s per read, 5 retries) stall for minutes on a network that never answers.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", RECBOLE_REQUIREMENT,
+           "-d", tmp, "--quiet", f"--timeout={DOWNLOAD_TIMEOUT_S:g}", "--retries=1", "--no-input"]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_DEADLINE_S)
+    except subprocess.TimeoutExpired as e:
+      raise TimeoutError(f"`pip download {RECBOLE_REQUIREMENT}` still running after {DOWNLOAD_DEADLINE_S:g} s") from e
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if proc.returncode != 0 or not wheels:
       raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -358,8 +425,10 @@ def load_movielens_100k(data_dir: str | None = None) -> InteractionData:
       ``<data_dir>/ml-100k/``.
 
   Raises:
-    ValueError: a local copy fails its checksum / row-count check (not silently replaced).
-    RuntimeError: no source worked; the message lists each source's failure and the manual fix.
+    DataFileError (a ValueError): a local copy fails its parse, checksum or row-count check (not
+      silently replaced); the message names the file (and line) and the fix.
+    DownloadError (a RuntimeError): no source worked; the message lists each source's failure and
+      the manual fix.
   """
   data_dir = data_dir or default_data_dir()
   cache = os.path.join(data_dir, "ml-100k")
@@ -375,9 +444,10 @@ def load_movielens_100k(data_dir: str | None = None) -> InteractionData:
     try:
       return fetch(cache)
     except Exception as e:  # pylint: disable=broad-except  # every failure is reported below
-      failures.append(f"{name}: {type(e).__name__}: {e}")
-  raise RuntimeError(
-      "could not obtain MovieLens-100k. Sources tried:\n  " + "\n  ".join(failures) +
-      f"\nFix: download {GROUPLENS_URL} elsewhere and unzip u.data, u.item and u.user into {cache}/ "
-      f"(or put RecBole's ml-100k.inter/.item/.user there), or set MVHAN_DATA_DIR / data_dir to a "
-      "directory whose ml-100k/ subfolder holds them.")
+      reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line: pip's stderr spans several
+      failures.append(f"{name}: {reason[:300]}")
+      _say(f"{name} failed ({reason[:120]})")
+  raise DownloadError(
+      f"could not obtain MovieLens-100k (sources tried: {'; '.join(failures)}): download {GROUPLENS_URL} "
+      f"elsewhere and unzip u.data, u.item and u.user into {cache}/ (or put RecBole's ml-100k.inter/.item/.user "
+      "there), or point --data_dir (or $MVHAN_DATA_DIR) at a folder whose ml-100k/ subfolder holds them")

@@ -8,10 +8,14 @@ A task is built from a config and supplies:
   restore_best(workdir)    (tree, step) of the best checkpoint; evaluate(tree, split) its metrics
   format_results(results)  the table the CLI prints
 
-``config.task`` names the task; a config without the field is retrieval.
+``config.task`` names the task; a config without the field is retrieval. Building a task first runs
+its ``check_config(config)`` (every field it reads, the mesh and the batch split, before any data is
+loaded or any folder written): a bad value is a `configs.ConfigError` naming the field and the fix.
 """
 
 from __future__ import annotations
+
+from mvhan_jax import configs
 
 TASKS = ("retrieval", "ranking", "seminar")
 
@@ -19,8 +23,24 @@ TASKS = ("retrieval", "ranking", "seminar")
 def task_name(config) -> str:
   name = config.get("task", "retrieval")
   if name not in TASKS:
-    raise ValueError(f"config.task={name!r} is unknown: use one of {TASKS}")
+    raise configs.ConfigError(f"config.task={name!r} is unknown: use one of {', '.join(TASKS)}")
   return name
+
+
+def check_training(config) -> None:
+  """What only training needs of the config, checked before the data is loaded: every global batch
+  splits over the mesh's data axis and the processes (evaluating a trained model on another
+  machine does not need it). The task's own ``check_config`` runs when it is built."""
+  from mvhan_jax import sharding  # pylint: disable=import-outside-toplevel
+  name = task_name(config)
+  configs.check_task_fields(config, name)
+  if name == "seminar":
+    fields = ["train.batch_size"]
+    if config.pretrain.enabled and not config.pretrain.checkpoint:
+      fields.append("pretrain.batch_size")
+  else:
+    fields = ["batch_size"]
+  sharding.check_batches(config, {f: configs.field(config, f) for f in fields})
 
 
 def build_task(config, **kwargs):
@@ -39,4 +59,5 @@ def build_task(config, **kwargs):
 def train_and_evaluate(config, workdir, **kwargs):
   """`mvhan_jax.train.train_and_evaluate` of ``config``'s task (``kwargs`` go to the task)."""
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  check_training(config)
   return train.train_and_evaluate(build_task(config, **kwargs), workdir)

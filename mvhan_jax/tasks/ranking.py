@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import sharding
 from mvhan_jax import train as loop
@@ -54,7 +55,30 @@ class RankingExperiment:
     return pipeline.ArraySource(self.data.splits["train"])
 
 
+SCENARIO_WEIGHTINGS = ("sample", "scenario")
+
+
+def check_config(config) -> None:
+  """The fields the ranking task reads, checked before any data is loaded or folder written:
+  `configs.ConfigError` naming the first bad one and the fix (a config of another task is named so)."""
+  configs.check_task_fields(config, "ranking")
+  configs.check_choice(config, "dataset.name", ("movielens_100k", "synthetic"))
+  configs.check_choice(config, "model.name", sorted(models.MODELS))
+  configs.check_choice(config, "loss.scenario_weighting", SCENARIO_WEIGHTINGS)
+  configs.check_choice(config, "optimizer.schedule", ("cosine", "constant"))
+  configs.check_min(config, ("batch_size",), meaning="training impressions per step")
+  configs.check_length(config)
+  configs.check_min(config, ("log_every_steps",), meaning="steps between two metric logs")
+  configs.check_min(config, ("checkpoint_every_steps",), meaning="steps between two checkpoints")
+  configs.check_min(config, ("maxlen",), meaning="history length")
+  for name, meaning in (("eval_every_steps", "0: once per epoch"), ("early_stopping_patience", "0: never stop early")):
+    if configs.has_field(config, name):
+      configs.check_min(config, (name,), 0, meaning)
+  sharding.check_mesh(config)
+
+
 def build_ranking_experiment(config, data: ranking_data.RankingData | None = None) -> RankingExperiment:
+  check_config(config)
   data = data if data is not None else ranking_data.load_ranking_data(config, candidates.negative_pool(config))
   model = models.build_ranking_model(config.model, data.spec)
   tables = {"user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
@@ -120,7 +144,8 @@ def masked_ranking_loss(logits, batch, task_weights, scenario_weighting: str = "
     present = (count > 0).astype(per.dtype)
     loss = jnp.sum(per_head * w * present[:, None]) / jnp.maximum(present.sum(), 1.0)
   else:
-    raise ValueError(f"config.loss.scenario_weighting={scenario_weighting!r} is unknown: use 'sample' or 'scenario'")
+    raise configs.ConfigError(f"config.loss.scenario_weighting={scenario_weighting!r} is unknown: use 'sample' or "
+                              "'scenario'")
   return loss, per_head
 
 
@@ -209,7 +234,8 @@ class RankingTask:
     source = exp.train_source
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
-      raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(source)} training impressions: lower it")
+      raise configs.ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(source)} training "
+                                "impressions: lower it")
     total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
     tx = make_optimizer(config.optimizer, total_steps)
     yield loop.Stage(

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 
 from mvhan_jax import artifacts
+from mvhan_jax import configs
+from mvhan_jax import errors
 from mvhan_jax import evaluation
 from mvhan_jax import losses
 from mvhan_jax import models
@@ -61,7 +63,37 @@ class Experiment:
   evaluators: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+PROTOCOLS = ("leave_one_out", "comirec")
+LOSSES = ("sampled_softmax", "in_batch")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_config(config) -> None:
+  """The fields the retrieval task reads, checked before any data is loaded or folder written:
+  `configs.ConfigError` naming the first bad one and the fix (a config of another task is named so)."""
+  configs.check_task_fields(config, "retrieval")
+  configs.check_choice(config, "dataset.name", registry.DATASETS)
+  configs.check_choice(config, "protocol", PROTOCOLS)
+  configs.check_choice(config, "model.name", sorted(models.MODELS))
+  configs.check_choice(config, "loss.kind", LOSSES)
+  configs.check_choice(config, "loss.sampler", losses.SAMPLERS)
+  configs.check_choice(config, "optimizer.schedule", ("cosine", "constant"))
+  if config.get("compute_dtype") is not None:
+    configs.check_choice(config, "compute_dtype", COMPUTE_DTYPES)
+  configs.check_min(config, ("batch_size",), meaning="training examples per step")
+  configs.check_length(config)
+  configs.check_min(config, ("log_every_steps",), meaning="steps between two metric logs")
+  configs.check_min(config, ("checkpoint_every_steps",), meaning="steps between two checkpoints")
+  configs.check_min(config, ("maxlen",), meaning="history length")
+  configs.check_min(config, ("eval_every_steps",), 0, "0: evaluate at the end only")
+  configs.check_min(config, ("early_stopping_patience",), 0, "0: never stop early")
+  if config.loss.kind == "sampled_softmax":
+    configs.check_min(config, ("loss.num_negatives",), meaning="sampled negatives per step")
+  sharding.check_mesh(config)
+
+
 def build_experiment(config) -> Experiment:
+  check_config(config)
   data = registry.load_dataset(config)
   maxlen = config.maxlen
   if config.protocol == "leave_one_out":
@@ -71,7 +103,7 @@ def build_experiment(config) -> Experiment:
     split = protocol.comirec_split(data, seed=config.seed, maxlen=maxlen)
     sequences = split.train_sequences
   else:
-    raise ValueError(f"config.protocol={config.protocol!r} is unknown: use 'leave_one_out' or 'comirec'")
+    raise configs.ConfigError(f"config.protocol={config.protocol!r} is unknown: use 'leave_one_out' or 'comirec'")
   train_source = registry.train_source(config, data, split)
   eval_sets = {name: split.eval_set(name, maxlen) for name in ("valid", "test")}
   counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
@@ -103,18 +135,18 @@ def _setup_content_types(exp: Experiment, counts: np.ndarray) -> None:
   if not (schedule or per_type_neg or per_type_eval):
     return
   if "type" not in data.item_features:
-    raise ValueError(f"config.type_schedule / loss.negatives_per_type / eval_per_type need content types, "
-                     f"but dataset {data.name!r} has no item feature 'type': set "
-                     "config.dataset.content_types='genre_family' (MovieLens) or use the synthetic world")
+    raise configs.ConfigError(f"config.type_schedule / loss.negatives_per_type / eval_per_type need content types, "
+                              f"but dataset {data.name!r} has no item feature 'type': set "
+                              "config.dataset.content_types='genre_family' (MovieLens) or use the synthetic world")
   if per_type_neg and not schedule:
-    raise ValueError("config.loss.negatives_per_type=True needs single-type batches: set "
-                     "config.type_schedule, e.g. (1, 2, 1, 3)")
+    raise configs.ConfigError("config.loss.negatives_per_type=True needs single-type batches: set "
+                              "config.type_schedule, e.g. (1, 2, 1, 3)")
   exp.item_type = np.asarray(data.item_features["type"], np.int32)
   exp.type_names = registry.content_type_names(config, data)
   if schedule:
     examples = getattr(exp.train_source, "arrays", None)
     if examples is None:
-      raise ValueError("config.type_schedule needs an in-memory training source (pipeline.ArraySource)")
+      raise configs.ConfigError("config.type_schedule needs an in-memory training source (pipeline.ArraySource)")
     exp.examples_by_type = multitype.split_examples_by_type(examples, exp.item_type)
   if per_type_neg:
     exp.type_samplers = multitype.type_samplers(counts, exp.item_type, config.loss.sampler,
@@ -188,7 +220,8 @@ def make_train_step(exp: Experiment, tx) -> Callable:
   # user/item vectors are cast back to float32 before scores, softmax and losses.
   compute_dtype = jnp.dtype(exp.config.get("compute_dtype", "float32"))
   if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise ValueError(f"config.compute_dtype={exp.config.compute_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    raise configs.ConfigError(f"config.compute_dtype={exp.config.compute_dtype!r}: use 'float32', 'bfloat16' or "
+                              "'float16'")
   low_precision = compute_dtype != jnp.dtype(jnp.float32)
 
   def cast(tree, dtype):
@@ -226,7 +259,7 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     elif cfg.kind == "in_batch":
       pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
     else:
-      raise ValueError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+      raise configs.ConfigError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
     users = cast(model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs), jnp.float32)
     serve_scores = None
     if multi:
@@ -488,7 +521,7 @@ class RetrievalTask:
     n = num_train_examples(exp)
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch == 0:
-      raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} training examples: lower it")
+      raise configs.ConfigError(f"config.batch_size={config.batch_size} exceeds the {n} training examples: lower it")
     total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
     tx = make_optimizer(config.optimizer, total_steps)
     yield loop.Stage(
@@ -546,13 +579,29 @@ def format_table(results: dict, model_name: str) -> str:
   return table
 
 
+class UnknownUserError(errors.UserError, ValueError):
+  """A user index with nothing to recommend from: out of range, or without a test row."""
+
+
+def test_row(exp, user: int) -> int:
+  """The row of ``user`` (a dense index) in the test split, whose history is the serving query."""
+  n = exp.data.num_users
+  if not 0 <= user < n:
+    raise UnknownUserError(f"--user={user} is out of range: use a dense user index in 0..{n - 1} "
+                           "(MovieLens: the raw user id - 1)")
+  rows = np.flatnonzero(exp.eval_sets["test"].user == user)
+  if not len(rows):
+    raise UnknownUserError(f"--user={user} has no test row (too few interactions to hold one out): pick "
+                           f"another user in 0..{n - 1}")
+  return int(rows[0])
+
+
 def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, float]]:
   """Top-N unseen items for ``user`` from the ANN index, with its whole history as the query."""
+  if top_n < 1:
+    raise ValueError(f"top_n={top_n}: ask for >= 1 recommendations")
   test = exp.eval_sets["test"]
-  rows = np.flatnonzero(test.user == user)
-  if not len(rows):
-    raise ValueError(f"--user={user} is not an evaluated user: use 0..{exp.data.num_users - 1} with >= 3 interactions")
-  row = int(rows[0])
+  row = test_row(exp, user)
   seen = set(test.exclude_indices[test.exclude_indptr[row]:test.exclude_indptr[row + 1]].tolist())
   vec, mask = encode_users(exp, params, test, rows=[row])
   ids, scores = index.search(vec, min(top_n + len(seen), index.num_items), query_mask=mask)
@@ -564,7 +613,7 @@ def print_recommendations(exp, index, params, users, top_n) -> None:
   titles = exp.data.item_titles or tuple(f"item {i}" for i in range(exp.data.num_items))
   test = exp.eval_sets["test"]
   for user in users:
-    row = int(np.flatnonzero(test.user == user)[0])
+    row = test_row(exp, user)
     hist = test.history[row, : test.history_len[row]][-3:]
     target = int(test.targets[row, 0])
     print(f"\nUser {user}: recently watched " + "; ".join(titles[i] for i in hist))

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import losses as shared_losses
 from mvhan_jax import sharding
@@ -49,10 +50,28 @@ KS = (10, 50)
 # Config checks
 # --------------------------------------------------------------------------------------------------
 def check_config(config) -> None:
-  """Raises ValueError naming the offending field and the fix."""
+  """The fields the SEMINAR task reads, checked before any data is loaded or folder written:
+  `configs.ConfigError` (a ValueError) naming the first bad one and the fix (a config of another
+  task is named so)."""
   def need(cond, field, msg):
     if not cond:
-      raise ValueError(f"config.{field}: {msg}")
+      raise configs.ConfigError(f"config.{field}: {msg}")
+
+  configs.check_task_fields(config, "seminar")
+  configs.check_choice(config, "dataset.name", ("synthetic", "movielens_100k"))
+  configs.check_choice(config, "optimizer.schedule", ("cosine", "constant"))
+  configs.check_min(config, ("train.batch_size",), meaning="finetuning examples per step")
+  configs.check_length(config, "train")
+  if config.pretrain.enabled and not config.pretrain.checkpoint:
+    configs.check_min(config, ("pretrain.batch_size",), meaning="PSU windows per step")
+    configs.check_length(config, "pretrain")
+  configs.check_min(config, ("log_every_steps",), meaning="steps between two metric logs")
+  configs.check_min(config, ("checkpoint_every_steps",), meaning="steps between two checkpoints")
+  configs.check_min(config, ("eval.user_chunk", "eval.item_chunk"), meaning="users / items per evaluation call")
+  for name, meaning in (("train.eval_every_steps", "0: once per epoch"),
+                        ("early_stopping_patience", "0: never stop early")):
+    if configs.has_field(config, name):
+      configs.check_min(config, (name,), 0, meaning)
 
   m = config.model
   need(m.attention in smodel.ATTENTION, "model.attention", f"{m.attention!r}: use one of {smodel.ATTENTION}")
@@ -78,13 +97,13 @@ def check_config(config) -> None:
        "freezing needs pretrained embeddings: set pretrain.enabled or pretrain.checkpoint")
   t = config.train
   need(t.num_negatives >= 1, "train.num_negatives", f"must be >= 1, got {t.num_negatives}")
-  need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
   need(t.get("negatives", "uniform") in ("uniform", "popularity", "log_uniform"), "train.negatives",
        f"{t.get('negatives')!r}: use 'uniform', 'popularity' (count^train.negative_power) or 'log_uniform'")
   for att in config.eval.get("extra_attentions", ()):
     need(att in smodel.ATTENTION, "eval.extra_attentions", f"{att!r}: use entries of {smodel.ATTENTION}")
   need(config.select_metric.split("/")[0] in ("full", "sampled"), "select_metric",
        f"{config.select_metric!r}: use 'sampled/NDCG@10', 'full/NDCG@10', ...")
+  sharding.check_mesh(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +188,8 @@ def psu_stage(exp: SeminarExperiment) -> loop.Stage:
   source = sdata.psu_source(exp.data, pcfg.window, pcfg.windows_per_user, config.dataset.data_seed)
   steps_per_epoch = len(source) // pcfg.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"config.pretrain.batch_size={pcfg.batch_size} exceeds the {len(source)} PSU windows: lower it")
+    raise configs.ConfigError(f"config.pretrain.batch_size={pcfg.batch_size} exceeds the {len(source)} PSU windows: "
+                              "lower it")
   total = pcfg.get("total_steps") or pcfg.num_epochs * steps_per_epoch
   tx = _psu_optimizer(config, total)
   return loop.Stage(
@@ -436,7 +456,7 @@ class SeminarTask:
     bs = config.train.batch_size
     steps_per_epoch = len(source) // bs
     if steps_per_epoch == 0:
-      raise ValueError(f"config.train.batch_size={bs} exceeds the {len(source)} training examples: lower it")
+      raise configs.ConfigError(f"config.train.batch_size={bs} exceeds the {len(source)} training examples: lower it")
     total_steps = config.train.get("total_steps") or config.train.num_epochs * steps_per_epoch
     train_att = config.model.attention
     eval_att = config.model.get("eval_attention") or train_att
