@@ -16,7 +16,9 @@ Every artifact a run writes carries a *stamp*, and every load compares it before
 The config hash is a sha256 of the config's JSON minus `IGNORED_FIELDS`: fields that change neither
 the trained parameters nor what they are evaluated on, or that legitimately differ between two
 invocations of one run: paths (a workdir or data cache moved to another machine), logging and
-progress, test hooks, the checkpoint cadence, the device mesh (a checkpoint restores across
+progress, test hooks, the checkpoint cadence, the training length and evaluation cadence (a run
+extended with --config.total_steps, or served with the config's defaults after a shortened run, is
+still one model of one dataset), the device mesh (a checkpoint restores across
 topologies), the ANN index settings (`--mode=index` rebuilds it from the checkpoint) and evaluation
 chunk sizes. Seeds are *kept*: ``seed`` changes the parameters (and, under the ComiRec protocol,
 which users are held out) and ``dataset.data_seed`` the data, so a workdir is one seed's run and an
@@ -48,6 +50,11 @@ IGNORED_FIELDS = (
     "log_every_steps", "progress", "tensorboard", "prefetch",                # logging, input threads
     "fail_at_step", "stop_at_step", "pretrain.stop_at_step",                 # test hooks
     "checkpoint_every_steps",                                                # when to save, not what
+    # How long to train and how often to evaluate: a run stopped, extended (--config.total_steps=...)
+    # or served with the config's defaults after a shortened run is still the same model and data.
+    "total_steps", "num_epochs", "eval_every_steps", "early_stopping_patience",
+    "train.total_steps", "train.num_epochs", "train.eval_every_steps",
+    "pretrain.total_steps", "pretrain.num_epochs",
     "mesh",                                                                  # topology
     "index",                                                                 # rebuilt by --mode=index
     "eval.user_chunk", "eval.item_chunk", "eval.extra_attentions",           # how / what else to report

@@ -91,7 +91,8 @@ def test_config_hash_ignores_paths_logging_and_topology_but_not_seeds_or_the_mod
   assert artifacts.config_hash(ml_collections.ConfigDict(json.loads(cfg.to_json_best_effort()))) == h
   for field, value in [("dataset.data_dir", "/elsewhere"), ("progress", True), ("log_every_steps", 7),
                        ("mesh.data", 2), ("index.backend", "exact"), ("checkpoint_every_steps", 5),
-                       ("fail_at_step", 3), ("tensorboard", False)]:
+                       ("fail_at_step", 3), ("tensorboard", False), ("total_steps", 60),
+                       ("eval_every_steps", 7)]:
     other = cfg.copy_and_resolve_references()
     *path, leaf = field.split(".")
     node = other
@@ -99,7 +100,7 @@ def test_config_hash_ignores_paths_logging_and_topology_but_not_seeds_or_the_mod
       node = node[p]
     node[leaf] = value
     assert artifacts.config_hash(other) == h, field
-  for field, value in [("seed", 1), ("model.dim", 64), ("optimizer.lr", 3e-3), ("total_steps", 60)]:
+  for field, value in [("seed", 1), ("model.dim", 64), ("optimizer.lr", 3e-3), ("batch_size", 128)]:
     other = cfg.copy_and_resolve_references()
     *path, leaf = field.split(".")
     node = other
