@@ -180,7 +180,7 @@ def psu_stage(exp: SeminarExperiment) -> loop.Stage:
       tx=tx, init_params=_psu_params_fn(exp), init_args=(_example(source), exp.tables),
       train_step=make_psu_step(exp, tx), consts=exp.tables, key=jax.random.fold_in(jax.random.key(config.seed), 1),
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps, metric_prefix="psu",
-      progress=config.get("progress", True))
+      lr_field="pretrain.lr", progress=config.get("progress", True))
 
 
 def pretrain(exp: SeminarExperiment, workdir) -> str:
