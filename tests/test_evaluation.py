@@ -66,6 +66,16 @@ def test_leave_one_out_metrics_hand_computed():
   np.testing.assert_allclose(per["NDCG@10"], [1.0, 0.4306765581, 0.0, 0.0], atol=1e-9)
 
 
+def test_hit_rate_cut_off_is_strict():
+  # 0-based ranks exactly k - 1, k and k + 1: only the first is in the top k (rank < k, not <=).
+  k = 5
+  per = ev.leave_one_out_per_user(np.array([k - 1, k, k + 1]), ks=(k,))
+  np.testing.assert_array_equal(per[f"HR@{k}"], [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(per[f"NDCG@{k}"], [1 / np.log2(k + 1), 0.0, 0.0], rtol=1e-12)
+  m = ev.leave_one_out_metrics(np.array([k - 1, k, k + 1]), ks=(k,))
+  assert m[f"HR@{k}"] == pytest.approx(1 / 3) and m[f"NDCG@{k}"] == pytest.approx(1 / np.log2(k + 1) / 3)
+
+
 def test_multi_target_metrics_hand_computed():
   topk = np.array([
       [5, 1, 7, 2],      # truth {1, 2, 9}: hits at positions 1 and 3
