@@ -40,14 +40,40 @@ _NEG_INF = -np.inf
 # ---------------------------------------------------------------------------
 
 
-def _as_multi_interest(queries, query_mask) -> tuple[np.ndarray, np.ndarray]:
-  """Returns queries as float32 [Q, K, D] and a bool mask [Q, K]."""
+class NonFiniteError(ValueError):
+  """Vectors or scores to rank hold NaN or inf: the model has diverged. ``detail`` says which
+  values of which split (the training loop reports it as `mvhan_jax.train.Diverged`)."""
+
+  def __init__(self, detail: str):
+    super().__init__(f"{detail}: the model has diverged, and a NaN score would rank its target first; "
+                     "retrain from a finite checkpoint (e.g. with a lower learning rate) instead of evaluating it")
+    self.detail = detail
+
+
+def check_finite(x, what: str, split: str | None = None) -> None:
+  """Raises `NonFiniteError` (a ValueError) when ``x`` holds NaN or inf, naming ``what`` and ``split``.
+
+  A diverged model must never look perfect: a NaN score compares false with every other score, so
+  a rank counted as "#{s_i >= s_target}" puts a NaN target first (HR = NDCG = 1) and an AUC counts a
+  NaN positive above every negative. Vectors and scores are checked before anything is ranked.
+  """
+  x = np.asarray(x)
+  bad = ~np.isfinite(x)
+  if bad.any():
+    first = int(np.unravel_index(np.argmax(bad), bad.shape)[0]) if x.ndim else 0
+    raise NonFiniteError(f"{split + ' split: ' if split else ''}{what} hold {int(bad.sum())} NaN or inf values "
+                         f"(first in row {first})")
+
+
+def _as_multi_interest(queries, query_mask, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns queries as float32 [Q, K, D] and a bool mask [Q, K]; every live interest finite."""
   queries = np.asarray(queries, dtype=np.float32)
   if queries.ndim == 2:
     if query_mask is not None:
       raise ValueError(
           "query_mask is only meaningful for multi-interest queries [Q, K, D]; got "
           f"queries of shape {queries.shape}: drop query_mask or pass [Q, K, D] queries")
+    check_finite(queries, "user vectors", split)
     return queries[:, None, :], np.ones(queries.shape[:1] + (1,), dtype=bool)
   if queries.ndim != 3:
     raise ValueError(
@@ -64,16 +90,19 @@ def _as_multi_interest(queries, query_mask) -> tuple[np.ndarray, np.ndarray]:
         f"query_mask: {int(dead.sum())} queries (first: row {int(np.argmax(dead))}) have no "
         "live interest, so they cannot score any item; keep at least one interest per user "
         "(MIND uses K'_u = max(1, ...)) or drop those rows")
+  # Dead interests never score (masked to -inf), whatever they hold.
+  check_finite(np.where(query_mask[..., None], queries, 0.0), "user vectors (live interests)", split)
   return queries, query_mask
 
 
-def _check_items(items, dim: int) -> np.ndarray:
+def _check_items(items, dim: int, split: str | None = None) -> np.ndarray:
   items = np.asarray(items, dtype=np.float32)
   if items.ndim != 2 or items.shape[1] != dim:
     raise ValueError(
         f"items must be [I, D] with D = {dim} (the query width), got shape {items.shape}")
   if items.shape[0] == 0:
     raise ValueError("items is empty: the catalogue needs at least one item")
+  check_finite(items, "item vectors", split)
   return items
 
 
@@ -251,12 +280,15 @@ def _rank_chunk(queries, query_mask, excluded, target_vecs, targets, item_chunks
     targets: int32 [Qc]; item_chunks: float32 [C, Ic, D].
 
   Returns:
-    int32 [Qc] = #{i != target, not excluded: s_i >= s_target}.
+    int32 [Qc] = #{i != target, not excluded: s_i >= s_target}, and bool [Qc]: a score of the row
+    (its target's or an item's) is NaN or inf, which finite vectors give only when a product
+    overflows (an inf or NaN target score would rank first).
   """
   qc = queries.shape[0]
   num_chunks, ic, _ = item_chunks.shape
 
-  def step(count, xs):
+  def step(carry, xs):
+    count, nonfinite = carry
     block, offset = xs
     # The target vectors ride along as extra columns of the same matmul, so the
     # target score is rounded exactly like the item scores it is compared to;
@@ -265,14 +297,18 @@ def _rank_chunk(queries, query_mask, excluded, target_vecs, targets, item_chunks
     s = _block_scores(queries, query_mask, jnp.concatenate([block, target_vecs], axis=0))
     s_items = s[:, :ic]
     s_target = jnp.diagonal(s[:, ic:])
+    # Padding rows (no live interest) score -inf by construction: only live rows count.
+    bad = (~jnp.isfinite(s_items)).any(axis=1) | ~jnp.isfinite(s_target)
+    nonfinite = nonfinite | (bad & query_mask.any(axis=1))
     s_items = _mask_block(s_items, offset, num_items, excluded)
     # The target itself is not counted (it is masked like an excluded id).
     s_items = _mask_block(s_items, offset, num_items, targets[:, None])
-    return count + jnp.sum(s_items >= s_target[:, None], axis=1, dtype=jnp.int32), None
+    return (count + jnp.sum(s_items >= s_target[:, None], axis=1, dtype=jnp.int32), nonfinite), None
 
   offsets = jnp.arange(num_chunks, dtype=jnp.int32) * ic
-  count, _ = jax.lax.scan(step, jnp.zeros((qc,), jnp.int32), (item_chunks, offsets))
-  return count
+  init = (jnp.zeros((qc,), jnp.int32), jnp.zeros((qc,), bool))
+  (count, nonfinite), _ = jax.lax.scan(step, init, (item_chunks, offsets))
+  return count, nonfinite
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +326,7 @@ def exact_topk(
     exclude_indices=None,
     item_chunk: int = 65536,
     query_chunk: int = 4096,
+    split: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Exact inner-product top-k of every query over the full catalogue.
 
@@ -306,15 +343,16 @@ def exact_topk(
     query_chunk: queries per compiled call. Peak memory is a few (about five)
       score blocks of query_chunk * item_chunk * 4 bytes, 1 GiB each at the
       defaults (measured: 5.7 GB RSS for K = 4, D = 64 on CPU).
+    split: the evaluation split's name, for error messages (NaN or inf vectors or scores raise).
 
   Returns:
     scores float32 [Q, k] in descending order and ids int32 [Q, k]. Ties are
     broken by lower item id. If fewer than k items survive the exclusions the
     tail is padded with score -inf and id -1.
   """
-  queries, query_mask = _as_multi_interest(queries, query_mask)
+  queries, query_mask = _as_multi_interest(queries, query_mask, split)
   num_queries = queries.shape[0]
-  items = _check_items(items, queries.shape[2])
+  items = _check_items(items, queries.shape[2], split)
   num_items = items.shape[0]
   if not 1 <= k <= num_items:
     raise ValueError(f"k must lie in [1, I = {num_items}], got k = {k}")
@@ -331,6 +369,8 @@ def exact_topk(
 
   scores, ids = chunked_apply(lambda b: _topk_chunk(*map(jnp.asarray, b), item_chunks, k=k, num_items=num_items),
                               num_queries, qc, chunk)
+  # Finite vectors whose products overflow give inf or NaN scores, which top_k ranks first.
+  check_finite(np.where(np.isneginf(scores), 0.0, scores), "top-k scores", split)
   return scores.astype(np.float32, copy=False), ids.astype(np.int32, copy=False)
 
 
@@ -344,6 +384,7 @@ def target_ranks(
     exclude_indices=None,
     item_chunk: int = 65536,
     query_chunk: int = 4096,
+    split: str | None = None,
 ) -> np.ndarray:
   """0-based full-corpus rank of each query's single target, pessimistic on ties.
 
@@ -358,13 +399,15 @@ def target_ranks(
       `multi_target_metrics` for several targets per query).
     query_mask, exclude_indptr, exclude_indices, item_chunk, query_chunk: as in
       `exact_topk`. A target may not be in its own exclusion list.
+    split: the evaluation split's name, for error messages (NaN or inf vectors or scores raise:
+      a NaN target score would otherwise get rank 0).
 
   Returns:
     int32 [Q] ranks in [0, I - 1].
   """
-  queries, query_mask = _as_multi_interest(queries, query_mask)
+  queries, query_mask = _as_multi_interest(queries, query_mask, split)
   num_queries = queries.shape[0]
-  items = _check_items(items, queries.shape[2])
+  items = _check_items(items, queries.shape[2], split)
   num_items = items.shape[0]
   targets = np.asarray(targets)
   if targets.ndim == 2 and targets.shape[1] == 1:
@@ -399,8 +442,13 @@ def target_ranks(
     return (_pad_rows(queries[start:stop], qc, 0.0), _pad_rows(query_mask[start:stop], qc, False),
             _padded_exclusions(indptr, indices, start, stop, qc, width), items[t], t)
 
-  ranks = chunked_apply(lambda b: _rank_chunk(*map(jnp.asarray, b), item_chunks, num_items=num_items),
-                        num_queries, qc, chunk)
+  ranks, nonfinite = chunked_apply(lambda b: _rank_chunk(*map(jnp.asarray, b), item_chunks, num_items=num_items),
+                             num_queries, qc, chunk)
+  if nonfinite.any():
+    raise NonFiniteError(
+        f"{split + ' split: ' if split else ''}{int(nonfinite.sum())} queries (first: row "
+        f"{int(np.argmax(nonfinite))}) have "
+        "NaN or inf scores although their vectors are finite (a product overflowed)")
   return ranks.astype(np.int32, copy=False)
 
 
@@ -438,6 +486,7 @@ def auc(labels, scores) -> float:
   """
   labels = np.asarray(labels).astype(bool)
   scores = np.asarray(scores, np.float64)
+  check_finite(scores, "scores")  # np.sort puts NaN last: a NaN positive would beat every negative
   n_pos = int(labels.sum())
   n_neg = len(labels) - n_pos
   if n_pos == 0 or n_neg == 0:
@@ -562,7 +611,7 @@ class _Evaluator:
   default_ks: tuple[int, ...] = ()
 
   def __init__(self, eval_set: Any, ks: Sequence[int] | None = None, *,
-               item_chunk: int = 65536, query_chunk: int = 4096):
+               item_chunk: int = 65536, query_chunk: int = 4096, split: str | None = None):
     for attr in ("exclude_indptr", "exclude_indices", "targets"):
       if not hasattr(eval_set, attr):
         raise TypeError(
@@ -574,6 +623,7 @@ class _Evaluator:
       raise ValueError(f"ks must be positive cut-offs, got {ks}")
     self.item_chunk = item_chunk
     self.query_chunk = query_chunk
+    self.split = split  # named in errors (non-finite vectors)
 
   @property
   def num_queries(self) -> int:
@@ -617,7 +667,7 @@ class LeaveOneOutEvaluator(_Evaluator):
         self._check_users(user_vectors), item_vectors, self.eval_set.targets,
         query_mask=user_mask, exclude_indptr=self.eval_set.exclude_indptr,
         exclude_indices=self.eval_set.exclude_indices, item_chunk=self.item_chunk,
-        query_chunk=self.query_chunk)
+        query_chunk=self.query_chunk, split=self.split)
     return leave_one_out_per_user(ranks, self.ks)
 
   def _summarise(self, per):
@@ -642,7 +692,7 @@ class ComiRecEvaluator(_Evaluator):
         self._check_users(user_vectors), item_vectors, max(self.ks), query_mask=user_mask,
         exclude_indptr=self.eval_set.exclude_indptr,
         exclude_indices=self.eval_set.exclude_indices, item_chunk=self.item_chunk,
-        query_chunk=self.query_chunk)
+        query_chunk=self.query_chunk, split=self.split)
     per = multi_target_per_user(ids, self.eval_set.targets, self.ks)
     per["topk_ids"] = ids
     return per

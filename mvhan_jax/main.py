@@ -69,6 +69,9 @@ def main(argv):
   except train.Preempted as e:
     print(f"mvhan-train: {e}", file=sys.stderr, flush=True)
     sys.exit(143)
+  except train.Diverged as e:  # NaN / inf: stopped unsaved; the message says what to change, a traceback would hide it
+    print(f"mvhan-train: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 class FlagError(errors.UserError, ValueError):

@@ -16,11 +16,18 @@ checkpoint at step ``s`` replays steps ``s+1..`` exactly as an uninterrupted run
 Preemption: SIGTERM (what cloud TPU/GPU schedulers send before they take a machine) makes the loop
 save the latest checkpoint at the next step boundary and raise `Preempted`; the CLI exits with
 status 143, and rerunning the same command resumes.
+
+Divergence: a NaN model would score perfectly (a NaN target score compares false with every other
+score, so it ranks first). A non-finite training loss (at a log step or a save point), a non-finite
+state (at a save point, before anything is evaluated or saved) or non-finite vectors or scores in
+the validation (`evaluation.NonFiniteError`) make the loop raise `Diverged` without saving, so the
+newest checkpoint is the last finite one; the CLI exits with status 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -36,6 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mvhan_jax import artifacts
+from mvhan_jax import evaluation
 from mvhan_jax import sharding
 from mvhan_jax import sparse
 from mvhan_jax import workdir as wd
@@ -45,6 +53,11 @@ from mvhan_jax.metrics_writer import MetricsWriter
 
 class Preempted(Exception):
   """The run received SIGTERM and saved its latest checkpoint: rerun the same command to resume."""
+
+
+class Diverged(Exception):
+  """The training loss, the state or the validation's vectors became NaN / inf: the run stopped
+  without saving that step, so its latest checkpoint (if any) is the last finite one."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +346,7 @@ class Stage:
   patience: int = 0
   log_every: int = 50
   checkpoint_every: int = 100
+  lr_field: str = "optimizer.lr"            # the config field `Diverged` suggests lowering
   metric_prefix: str = "train"
   tensorboard: bool = False
   progress: bool = True
@@ -373,6 +387,20 @@ def _reshard(tree, shardings):
   return jax.tree.map(place, tree, shardings)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when every float leaf of ``tree`` is finite: one reduction on device, replicated, so every
+  process reaches the same verdict (a divergence check never leaves one process behind)."""
+  ok = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(ok).all() if ok else jnp.asarray(True)
+
+
+def _config_value(config, dotted: str):
+  for part in dotted.split("."):
+    config = config.get(part) if config is not None and hasattr(config, "get") else None
+  return config
+
+
 def _any_process(flag: bool) -> bool:
   """True on every process when ``flag`` is on any (a host collective in multi-process runs)."""
   if jax.process_count() == 1:
@@ -388,7 +416,9 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
   """Trains ``stage`` in ``workdir/stage.name`` (resuming from its latest checkpoint) and returns
   (state, meta) with meta = {'best_metric', 'best_step', 'stopped_early', ...}.
 
-  Raises `Preempted` after saving when SIGTERM arrived; returns (state, meta) with
+  Raises `Preempted` after saving when SIGTERM arrived; raises `Diverged` without saving when the
+  training loss (``metrics['loss']``, read at log steps and save points), the state (read at save
+  points) or the validation's vectors or scores are not finite; returns (state, meta) with
   meta['stopped_at'] when ``config.stop_at_step`` stopped the run (a test hook); ``config.fail_at_step``
   exits the process abruptly, as a kill -9 would.
   """
@@ -431,6 +461,33 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
   bar = tqdm(total=stage.total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
              desc=stage.name or None, disable=not is_main or not (stage.progress and config.get("progress", True)))
   step = start_step
+
+  def diverged(cause: str) -> Diverged:
+    latest.wait_until_finished()  # the last finite checkpoint must be complete before we leave
+    if best is not None:
+      best.wait_until_finished()
+    bar.close()
+    writer.close()
+    saved = latest.latest_step()
+    lr = _config_value(config, stage.lr_field)
+    return Diverged(
+        f"{'stage ' + repr(stage.name) if stage.name else 'training'} in {directory} diverged at step {step}: "
+        f"{cause}. "
+        + (f"Nothing non-finite was saved: the latest checkpoint (step {saved}) is the last finite one, and a "
+           "rerun resumes from it. " if saved is not None else "No checkpoint was saved. ")
+        + f"Lower config.{stage.lr_field}" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        + " and rerun" + (", or start afresh in another --workdir." if saved is not None else "."))
+
+  def require_finite(tree, loss=None, what="the state"):
+    """Raises `Diverged` unless ``loss`` and every float leaf of ``tree`` are finite. A NaN model
+    scores perfectly (a NaN target score compares false with every other score, so it ranks first),
+    so nothing non-finite may reach an evaluation or a checkpoint."""
+    loss_ok, tree_ok = (bool(x) for x in jax.device_get((_all_finite(loss), _all_finite(tree))))
+    if not loss_ok:
+      raise diverged(f"the training loss is {float(np.asarray(loss))}")
+    if not tree_ok:
+      raise diverged(f"{what} holds NaN or inf (the loss is still finite)")
+
   with _SigtermFlag() as sigterm:
     while step < stage.total_steps and not meta["stopped_early"]:
       batch = sharding.global_batch(next(batches), data_sharding)
@@ -444,24 +501,39 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
         row = {f"{stage.metric_prefix}/{k}": float(v) for k, v in metrics.items()}
         row[f"{stage.metric_prefix}/examples_per_sec"] = stage.log_every * stage.batch_size / max(dt, 1e-9)
         row[f"{stage.metric_prefix}/epoch"] = step / stage.steps_per_epoch
+        loss = row.get(f"{stage.metric_prefix}/loss")
+        if loss is not None and not math.isfinite(loss):  # before the log: no NaN curve, no TB warnings
+          require_finite(None, loss)
         writer.write(step, row)
-        if f"{stage.metric_prefix}/loss" in row:
-          bar.set_postfix(loss=f"{row[f'{stage.metric_prefix}/loss']:.3f}", epoch=f"{step / stage.steps_per_epoch:.1f}")
+        if loss is not None:
+          bar.set_postfix(loss=f"{loss:.3f}", epoch=f"{step / stage.steps_per_epoch:.1f}")
         if step > stage.log_every:  # the first window includes compilation
           train_time += dt
           examples_seen += stage.log_every * stage.batch_size
       is_eval = stage.evaluate is not None and (
           (stage.eval_every and step % stage.eval_every == 0) or step == stage.total_steps)
+      preempted = _any_process(sigterm.raised) if (jax.process_count() == 1 or step % stage.log_every == 0) else False
+      save = (is_eval or step % stage.checkpoint_every == 0 or step == stage.total_steps or step == stop_at
+              or preempted)
+      if save:
+        # The loss alone is not enough: it is computed before the update, so a step whose update
+        # overflows reports a finite loss and returns NaN parameters.
+        require_finite(state, metrics.get("loss"))
       if is_eval:
         if stage.before_eval is not None:
           state = _reshard(stage.before_eval(state, step), state_shardings)
+          require_finite(state.extra, what="the state's extra (refreshed before evaluation)")
         tree = stage.best_tree(state)
-        valid = stage.evaluate(tree, "valid")
+        try:
+          valid = stage.evaluate(tree, "valid")
+        except evaluation.NonFiniteError as e:  # finite parameters whose forward pass overflows
+          raise diverged(f"the {e.detail}, although the training loss and the state are finite") from e
         writer.write(step, {f"valid/{k}": v for k, v in valid.items()})
         value = valid[stage.select_metric]
         if value > meta["best_metric"]:
           meta.update(best_metric=float(value), best_step=step, evals_without_improvement=0)
           if best.latest_step() != step:  # a run killed between this save and the 'latest' one redoes the step
+            require_finite(tree, what="the best tree")
             save_checkpoint(best, step, tree, meta, stamp)
         else:
           meta["evals_without_improvement"] += 1
@@ -471,9 +543,7 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
                          meta["best_metric"], meta["best_step"])
         bar.write(f"{stage.name + ' ' if stage.name else ''}step {step}: valid "
                   + "  ".join(f"{k} {v:.4f}" for k, v in valid.items() if stage.shown_metric(k)))
-      preempted = _any_process(sigterm.raised) if (jax.process_count() == 1 or step % stage.log_every == 0) else False
-      if (is_eval or step % stage.checkpoint_every == 0 or step == stage.total_steps or step == stop_at
-          or preempted):
+      if save:
         save_checkpoint(latest, step, state, meta, stamp)
       if step == fail_at:
         latest.wait_until_finished()

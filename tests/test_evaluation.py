@@ -66,6 +66,16 @@ def test_leave_one_out_metrics_hand_computed():
   np.testing.assert_allclose(per["NDCG@10"], [1.0, 0.4306765581, 0.0, 0.0], atol=1e-9)
 
 
+def test_hit_rate_cut_off_is_strict():
+  # 0-based ranks exactly k - 1, k and k + 1: only the first is in the top k (rank < k, not <=).
+  k = 5
+  per = ev.leave_one_out_per_user(np.array([k - 1, k, k + 1]), ks=(k,))
+  np.testing.assert_array_equal(per[f"HR@{k}"], [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(per[f"NDCG@{k}"], [1 / np.log2(k + 1), 0.0, 0.0], rtol=1e-12)
+  m = ev.leave_one_out_metrics(np.array([k - 1, k, k + 1]), ks=(k,))
+  assert m[f"HR@{k}"] == pytest.approx(1 / 3) and m[f"NDCG@{k}"] == pytest.approx(1 / np.log2(k + 1) / 3)
+
+
 def test_multi_target_metrics_hand_computed():
   topk = np.array([
       [5, 1, 7, 2],      # truth {1, 2, 9}: hits at positions 1 and 3
@@ -260,6 +270,12 @@ def test_auc_forms_agree_and_ties_count_as_asked():
   assert ev.auc(lab, sc) == pytest.approx(per.mean(), abs=1e-12)
 
 
+def test_auc_refuses_non_finite_scores():
+  # np.sort puts NaN last: a NaN positive would count above every negative (AUC 1).
+  with pytest.raises(ValueError, match="scores hold 1 NaN or inf"):
+    ev.auc([1, 0, 0], [np.nan, 0.1, 0.2])
+
+
 @dataclasses.dataclass
 class _EvalSet:
   user: np.ndarray
@@ -329,3 +345,38 @@ def test_interests_recovered_hand_example():
   # A dead capsule cannot match: user 0 with only one live capsule has 2 topics > 1 live -> 1/3.
   mask[0, 1] = False
   assert ev.interests_recovered(users, mask, items, item_topic, user_interests, np.arange(3)) == pytest.approx(1 / 3)
+
+
+def test_non_finite_vectors_are_refused_not_ranked_first():
+  # A NaN user vector gives NaN scores, which compare false with every other score: counted as
+  # "#{s_i >= s_target}", its target would get rank 0 and HR@1 = 1. It must raise, naming the split.
+  items = np.arange(20, dtype=np.float32)[:, None]
+  users = np.array([[1.0], [np.nan]], np.float32)
+  es = _toy_eval_set([[15], [0]], [[19, 18], [5]])
+  evaluator = ev.EVALUATORS["leave_one_out"](es, ks=(1, 3), split="valid")
+  with pytest.raises(ValueError, match="valid split: user vectors hold 1 NaN or inf values \\(first in row 1\\)"):
+    evaluator.evaluate(users, items)
+  with pytest.raises(ValueError, match="user vectors hold 1 NaN"):
+    ev.target_ranks(users, items, [15, 0])
+  bad_items = items.copy()
+  bad_items[3] = np.inf
+  with pytest.raises(ValueError, match="test split: item vectors hold 1 NaN or inf values \\(first in row 3\\)"):
+    ev.EVALUATORS["comirec"](es, ks=(3,), split="test").evaluate(np.ones((2, 1), np.float32), bad_items)
+  # A dead interest never scores, so what it holds does not matter; a live one must be finite.
+  multi = np.array([[[1.0], [np.nan]], [[-1.0], [2.0]]], np.float32)
+  mask = np.array([[True, False], [True, True]])
+  np.testing.assert_array_equal(ev.target_ranks(multi, items, [15, 0], query_mask=mask), [4, 19])
+  with pytest.raises(ValueError, match="live interests"):
+    ev.target_ranks(multi, items, [15, 0], query_mask=np.ones((2, 2), bool))
+
+
+def test_overflowing_scores_of_finite_vectors_are_refused():
+  # Finite but huge vectors (a diverging model): 3e38 * 3e38 overflows to inf (or NaN with the
+  # -3e38 * 3e38 term, depending on the order of the sum), and an inf target score ranks first.
+  big = np.float32(3e38)
+  users = np.array([[big, big]], np.float32)
+  items = np.array([[1.0, 0.0], [big, -big], [0.0, 1.0]], np.float32)
+  with pytest.raises(ValueError, match="NaN or inf scores although their vectors are finite"):
+    ev.target_ranks(users, items, [1])
+  with pytest.raises(ValueError, match="top-k scores hold"):
+    ev.exact_topk(users, items, 2)

@@ -3,6 +3,7 @@ every task trains through the one CLI, and the loop's stage hooks behave as docu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,14 +11,19 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from mvhan_jax import sparse
 from mvhan_jax import tasks
 from mvhan_jax import train
 from mvhan_jax.configs import load_config
 from mvhan_jax.metrics_writer import read_metrics
 from mvhan_jax.tasks import ranking
+from mvhan_jax.tasks import retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HINET = "experiments/configs/hinet_synthetic.py:smoke"
@@ -104,3 +110,62 @@ def test_early_stopping_and_best_selection_in_the_loop(tmp_path):
   assert meta["stopped_early"] and meta["final_step"] == 40
   assert train.checkpoint_manager(tmp_path / "best", 1).latest_step() == 20
   assert train.checkpoint_manager(tmp_path / "checkpoints", 2).latest_step() == 40
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step keys: every random draw of step i uses fold_in(key, i) (the Stage contract)
+# --------------------------------------------------------------------------------------------------
+def _loss_at_steps(step_fn, state, batch, consts, steps):
+  """The loss the step function reports from the same parameters, batch and key with the state's
+  step counter set to each of ``steps`` (a copy each time: the step donates its input)."""
+  key = jax.random.key(7)
+  out = []
+  for n in steps:
+    state_n = jax.tree.map(jnp.copy, state).replace(step=jnp.asarray(n, jnp.int32))
+    out.append(float(step_fn(state_n, batch, consts, key)[1]["loss"]))
+  return out
+
+
+@pytest.fixture(scope="module")
+def two_tower_smoke():
+  cfg = load_config("experiments/configs/two_tower_ml100k.py:smoke")
+  return cfg, retrieval.build_experiment(cfg)
+
+
+@pytest.mark.parametrize("lazy_rows", [False, True], ids=["dense", "lazy_rows"])
+def test_retrieval_steps_draw_new_negatives_every_step(two_tower_smoke, lazy_rows):
+  # Sampled softmax: the negatives are the only random draw (dropout 0). Steps 0 and 1 from one
+  # state must see different negatives (a step that used the key itself would reuse them, which
+  # only a learning threshold noticed), and a step must be a pure function of its counter.
+  cfg, exp = two_tower_smoke
+  cfg = cfg.copy_and_resolve_references()
+  cfg.optimizer.sparse_min_rows = 1000 if lazy_rows else 0
+  tx = train.make_optimizer(cfg.optimizer, 100)
+  assert isinstance(tx, sparse.SparseTableAdamW) == lazy_rows
+  step = retrieval.make_train_step(exp, tx)
+  batch = train.example_batch(exp.train_source, cfg.batch_size)
+  a, a_again, b = _loss_at_steps(step, retrieval.init_state(exp, tx, jax.random.key(0)), batch, exp.tables, (0, 0, 1))
+  assert a == a_again
+  assert a != b
+
+
+class _DropoutOnLogits(nn.Module):
+  """A ranking model with dropout (the library's ranking models have none yet): the step's dropout
+  key is what makes its logits random."""
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, batch, tables, train=False):
+    return nn.Dropout(0.5, deterministic=not train)(self.inner(batch, tables, train))
+
+
+def test_ranking_step_draws_a_new_dropout_mask_every_step():
+  cfg = load_config("experiments/configs/hinet_synthetic.py:smoke,model=shared_bottom")
+  exp = ranking.build_ranking_experiment(cfg)
+  exp = dataclasses.replace(exp, model=_DropoutOnLogits(exp.model))
+  tx = train.make_optimizer(exp.config.optimizer, 100)
+  step = ranking.make_train_step(exp, tx)
+  batch = {k: v[:64] for k, v in exp.data.splits["train"].items()}
+  a, a_again, b = _loss_at_steps(step, ranking.init_state(exp, tx, jax.random.key(0)), batch, exp.tables, (0, 0, 1))
+  assert a == a_again
+  assert a != b

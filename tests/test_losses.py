@@ -61,6 +61,35 @@ def test_in_batch_softmax_masks_duplicates_and_uses_diagonal():
   assert float(loss[2]) == pytest.approx(math.log(math.exp(2) + math.exp(1)) - 1, rel=1e-5)
 
 
+def _np_in_batch_softmax(q, e, ids, log_q, temperature):
+  """Reference: logit(b, j) = <q_b, e_j> / T - log Q(j) (Yi et al. 2019), other rows holding b's
+  item masked, loss_b = logsumexp_j logit(b, j) - logit(b, b)."""
+  logits = q @ e.T / temperature - log_q[None, :]
+  dup = (ids[:, None] == ids[None, :]) & ~np.eye(len(ids), dtype=bool)
+  logits = np.where(dup, -np.inf, logits)
+  top = logits.max(axis=1, keepdims=True)
+  lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+  return lse - np.diagonal(logits), logits
+
+
+def test_in_batch_softmax_logq_correction_matches_numpy():
+  # A popular item (high Q) is a frequent in-batch negative: its logit is lowered by log Q, in
+  # every column (as a negative and as the row's own positive).
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(5, 3)).astype(np.float32)
+  e = rng.normal(size=(5, 3)).astype(np.float32)
+  ids = np.array([4, 9, 4, 2, 7])
+  log_q = np.log(np.array([0.4, 0.05, 0.4, 0.3, 0.01], np.float32) * 5)
+  want_loss, want_logits = _np_in_batch_softmax(q.astype(np.float64), e.astype(np.float64), ids,
+                                                log_q.astype(np.float64), 0.5)
+  loss, logits = losses.in_batch_softmax_loss(jnp.asarray(q), jnp.asarray(e), jnp.asarray(ids),
+                                              pos_log_q=jnp.asarray(log_q), temperature=0.5)
+  np.testing.assert_allclose(np.asarray(loss), want_loss, rtol=1e-5)
+  live = np.isfinite(want_logits)
+  np.testing.assert_allclose(np.asarray(logits)[live], want_logits[live], rtol=1e-5)
+  assert (np.asarray(logits)[~live] < -1e8).all()
+
+
 def test_log_uniform_ranks_by_frequency():
   counts = np.array([5, 50, 0, 20])
   s = losses.make_sampler("log_uniform", counts)

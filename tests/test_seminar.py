@@ -253,6 +253,21 @@ def test_full_corpus_ranks_equal_brute_force():
     assert got[q] == sum(scores[q, i] >= scores[q, targets[q]] for i in others)
 
 
+def test_non_finite_scores_are_refused_not_ranked_first(smoke):
+  # A NaN target score compares false with every other score: counted as "#{s_i >= s_target}" it
+  # would get rank 0 (HR = 1), which is how a diverged model used to look perfect.
+  scores = np.array([[0.1, np.nan, 0.3], [0.2, 0.5, 0.1]], np.float32)
+  with pytest.raises(ValueError, match="valid split: full-corpus scores hold 1 NaN or inf values \\(first in row 0\\)"):
+    strain.full_ranks(scores, np.array([1, 0]), np.array([0, 0, 0]), np.array([], np.int32), split="valid")
+  cfg, exp = smoke
+  src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
+  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain._example(src))
+  nan_params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                            state.params)
+  with pytest.raises(ValueError, match="test split: sampled-candidate scores hold"):
+    strain.evaluate(exp, nan_params, "test", "exact")
+
+
 def test_evaluate_full_corpus_matches_scoring_every_item(smoke):
   cfg, exp = smoke
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)

@@ -426,8 +426,9 @@ class TypedEvaluator:
 
   def __init__(self, eval_set, item_type, ks: Sequence[int] = (10, 50),
                type_names: Sequence[str] | None = None, auc_ties: str = "half", *,
-               item_chunk: int = 65536, query_chunk: int = 4096):
+               item_chunk: int = 65536, query_chunk: int = 4096, split: str | None = None):
     self.item_type = _check_item_type(item_type)
+    self.split = split  # named in errors (non-finite vectors)
     self.num_types = int(self.item_type.max())
     self.eval_set = eval_set
     self.row_type = self.item_type[_single_targets(eval_set)]
@@ -460,7 +461,7 @@ class TypedEvaluator:
   def _ranks(self, users, items, es, user_mask):
     """(>= counts, > counts or None, candidates besides the target) for the rows of `es`."""
     kw = dict(exclude_indptr=es.exclude_indptr, exclude_indices=es.exclude_indices,
-              item_chunk=self.item_chunk, query_chunk=self.query_chunk)
+              item_chunk=self.item_chunk, query_chunk=self.query_chunk, split=self.split)
     ge = evaluation.target_ranks(users, items, es.targets, query_mask=user_mask, **kw)
     n = len(items) - 1 - np.diff(es.exclude_indptr)
     if self.auc_ties == "pessimistic":

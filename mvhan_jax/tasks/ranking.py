@@ -207,7 +207,10 @@ def evaluate_predictions(split: dict[str, np.ndarray], preds: dict[str, np.ndarr
 
 def evaluate(exp: RankingExperiment, params, split: str) -> dict[str, float]:
   data = exp.data.splits[split]
-  return evaluate_predictions(data, predict_split(exp, params, data), exp.data.scenario_names)
+  preds = predict_split(exp, params, data)
+  for task, p in preds.items():  # a NaN prediction would outrank every negative: AUC 1
+    evaluation.check_finite(p, f"{task} predictions", split)
+  return evaluate_predictions(data, preds, exp.data.scenario_names)
 
 
 

@@ -383,9 +383,9 @@ def _evaluator(exp: Experiment, split: str):
       from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel
       ties = "pessimistic" if getattr(exp.model, "multi_interest", False) else "half"
       exp.evaluators[split] = multitype.TypedEvaluator(exp.eval_sets[split], exp.item_type,
-                                                       type_names=exp.type_names, auc_ties=ties)
+                                                       type_names=exp.type_names, auc_ties=ties, split=split)
     else:
-      exp.evaluators[split] = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split])
+      exp.evaluators[split] = evaluation.EVALUATORS[exp.config.protocol](exp.eval_sets[split], split=split)
   return exp.evaluators[split]
 
 

@@ -200,7 +200,7 @@ def psu_stage(exp: SeminarExperiment) -> loop.Stage:
       tx=tx, init_params=_psu_params_fn(exp), init_args=(_example(source), exp.tables),
       train_step=make_psu_step(exp, tx), consts=exp.tables, key=jax.random.fold_in(jax.random.key(config.seed), 1),
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps, metric_prefix="psu",
-      progress=config.get("progress", True))
+      lr_field="pretrain.lr", progress=config.get("progress", True))
 
 
 def pretrain(exp: SeminarExperiment, workdir) -> str:
@@ -366,10 +366,13 @@ def _jitted_scores(model, attention):
   return jax.jit(lambda p, b, c, t, cb: model.apply(p, b, c, t, cb, attention))
 
 
-def full_ranks(scores: np.ndarray, targets: np.ndarray, exclude_indptr, exclude_indices, rows=None) -> np.ndarray:
+def full_ranks(scores: np.ndarray, targets: np.ndarray, exclude_indptr, exclude_indices, rows=None,
+               split: str | None = None) -> np.ndarray:
   """0-based ranks int [Q] of each row's target among all items: scores [Q, N]; the excluded items
   (CSR, `EvalQueries`) never count; ties count against the target (pessimistic). ``rows``: the
-  CSR row of each score row (default 0..Q-1)."""
+  CSR row of each score row (default 0..Q-1). NaN or inf scores raise ValueError naming ``split``
+  (a NaN target score would compare false with every other and rank first)."""
+  evaluation.check_finite(scores, "full-corpus scores", split)
   scores = np.array(scores, np.float32, copy=True)
   q = np.arange(len(scores))
   rows = q if rows is None else np.asarray(rows)
@@ -395,12 +398,13 @@ def evaluate(exp: SeminarExperiment, params, split: str, attention: str, codeboo
     n = min(uc, n_users - a)
     hist = sdata.windows(data.item, data.query, data.offsets[eq.user[rows]], eq.end[rows], exp.config.maxlen)
     s = np.asarray(fn(params, hist, jnp.asarray(eq.sampled[rows]), exp.tables, codebooks))[:n]
+    evaluation.check_finite(s, "sampled-candidate scores", split)
     s_ranks.append((s[:, 1:] >= s[:, :1]).sum(1))
     if full_corpus:
       full = np.concatenate([np.asarray(fn(params, hist, jnp.asarray(np.broadcast_to(item_pad[b:b + ic], (uc, ic))),
                                            exp.tables, codebooks)) for b in range(0, len(item_pad), ic)], axis=1)
       f_ranks.append(full_ranks(full[:n, :n_items], eq.target[rows[:n]], eq.exclude_indptr, eq.exclude_indices,
-                                rows[:n]))
+                                rows[:n], split))
   out = {f"sampled/{k}": v for k, v in evaluation.leave_one_out_metrics(np.concatenate(s_ranks), (10,)).items()}
   if full_corpus:
     out.update({f"full/{k}": v for k, v in evaluation.leave_one_out_metrics(np.concatenate(f_ranks), KS).items()})
