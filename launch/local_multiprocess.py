@@ -84,7 +84,8 @@ def main(argv=None) -> int:
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-  parser.add_argument("--log_dir", default=None, help="write process i's output to <log_dir>/process_<i>.log, its pid to process_<i>.pid")
+  parser.add_argument("--log_dir", default=None,
+                      help="write process i's output to <log_dir>/process_<i>.log, its pid to process_<i>.pid")
   parser.add_argument("--peer_timeout_s", type=float,
                       default=float(os.environ.get("MVHAN_PEER_TIMEOUT_S") or DEFAULT_PEER_TIMEOUT_S),
                       help="a process silent this long is dead to the others (sets MVHAN_PEER_TIMEOUT_S; 0: off)")
