@@ -56,7 +56,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from mvhan_jax import distributed  # pylint: disable=import-outside-toplevel
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, workdir=FLAGS.workdir)
   from mvhan_jax import modes  # pylint: disable=import-outside-toplevel
   from mvhan_jax import train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config

@@ -144,3 +144,40 @@ def test_plan_auto_detects_tpu_slurm_kubernetes():
   assert distributed.plan(env=k8s, platform="gpu").mode == "kubernetes"
   # JAX_COORDINATOR_ADDRESS alone is left to JAX's auto-detection.
   assert distributed.plan(env={"JAX_COORDINATOR_ADDRESS": "j:2"}, platform="cpu").mode == "single"
+
+
+# --------------------------------------------------------------------------------------------------
+# What ends a process when another one of its job is gone (the 2-process run: tests/test_sharding.py)
+# --------------------------------------------------------------------------------------------------
+def test_peer_watch_names_the_process_that_stopped_beating():
+  t0 = time.monotonic()
+  watch = distributed.PeerWatch(None, process_id=0, num_processes=3, timeout_s=30)
+  assert watch.check({1: "beat 1", 2: "beat 1"}, t0) is None
+  assert watch.check({1: "beat 2", 2: "beat 1"}, t0 + 20) is None
+  # Process 2's beat has not changed for 31 s; process 1's keeps changing.
+  reason = watch.check({1: "beat 3", 2: "beat 1"}, t0 + 31)
+  assert reason.startswith("process 2 of 3 stopped responding (no heartbeat for 31 s"), reason
+
+
+def test_peer_watch_states():
+  t0 = time.monotonic()
+  watch = distributed.PeerWatch(None, process_id=1, num_processes=3, timeout_s=30)
+  # A process that exited normally waits in JAX's shutdown barrier: no longer watched.
+  assert watch.check({0: "exit", 2: "beat 1"}, t0) is None
+  assert watch.check({0: "exit", 2: "beat 2"}, t0 + 100) is None
+  # One that raised or left is named at once; a dead one first (the others' errors follow from it).
+  assert watch.check({0: "exit", 2: "fail ValueError: x"}, t0 + 101) == "process 2 of 3 failed (ValueError: x)"
+  watch = distributed.PeerWatch(None, process_id=2, num_processes=3, timeout_s=30)
+  assert watch.check({0: "gone after process 1 of 3 stopped responding", 1: "beat 1"}, t0 + 1) == (
+      "process 0 of 3 left the job (after process 1 of 3 stopped responding)")
+  assert watch.check({0: "gone after ...", 1: "beat 1"}, t0 + 40).startswith("process 1 of 3 stopped responding")
+
+
+def test_resume_hint_names_the_newest_finalized_checkpoint(tmp_path):
+  assert distributed.resume_hint(tmp_path) == "rerun the same command to start again (no checkpoint was saved yet)"
+  for d, mtime in [("psu/checkpoints/300", 1), ("checkpoints/10", 2), ("checkpoints/20", 3),
+                   ("checkpoints/30.orbax-checkpoint-tmp-7", 4)]:
+    os.makedirs(tmp_path / d)
+    os.utime(tmp_path / d, (mtime, mtime))
+  assert distributed.latest_checkpoint(tmp_path) == (20, str(tmp_path / "checkpoints/20"))
+  assert distributed.resume_hint(tmp_path).startswith("rerun the same command to resume from step 20 (")

@@ -521,11 +521,7 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
   resumes from it and ends with bit-identical parameters (resume = replay: the batch of step i is a
   pure function of (seed, i), every random draw uses fold_in(key, i), and the 2-process program is
   deterministic) and the same metrics log, written once."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from mvhan_jax import train  # pylint: disable=import-outside-toplevel
-  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
-  from orbax.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path / "w")
   env = _mp_env(tmp_path_factory)
@@ -537,7 +533,15 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
   assert resumed.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
   assert all(f"resumed from step {max(landed)}" in log for log in logs), (landed, logged, logs[0][-3000:])
 
-  straight = two_process["workdir"]
+  _assert_same_as_uninterrupted(workdir, two_process["workdir"])
+
+
+def _assert_same_as_uninterrupted(workdir, straight) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.metrics_writer import read_metrics  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
+
   # Metrics written once: the resumed log equals the uninterrupted one row for row (no lost or
   # duplicated steps); wall-clock throughput aside.
   strip = lambda rows: [{k: v for k, v in r.items() if k != "train/examples_per_sec"} for r in rows]
@@ -555,6 +559,65 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(two_process, tm
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   results = [json.loads(open(os.path.join(w, "results.json")).read()) for w in (straight, workdir)]
   assert results[0]["valid"] == results[1]["valid"] and results[0]["test"] == results[1]["test"]
+
+
+# The job must end this soon after one process's death: the survivor notices within the peer timeout
+# (mvhan_jax/distributed.py, 30 s) and the launcher would SIGKILL it 30 s later.
+_MP_DEATH_BOUND_S = 120
+
+
+def test_two_process_run_survives_the_death_of_one_process(two_process, tmp_path_factory, tmp_path):
+  """SIGKILL of process 1 alone once a checkpoint has landed: process 0, left waiting in a collective,
+  stops within the peer timeout, naming process 1 and the step a rerun resumes from; the launcher
+  names the process that died first and exits with its status (not a hang). The rerun of the same
+  command resumes from that step and ends as an uninterrupted run does, bit for bit."""
+  workdir, log_dir = str(tmp_path / "w"), tmp_path / "logs_killed"
+  env = _mp_env(tmp_path_factory)
+  ckpts = os.path.join(workdir, "checkpoints")
+  for _ in range(_ATTEMPTS):
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    with open(tmp_path / "launcher.txt", "w") as out:
+      proc = subprocess.Popen(_mp_command(workdir, log_dir), cwd=ROOT, env=env, start_new_session=True,
+                              stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not _finalized_checkpoints(ckpts):
+      time.sleep(0.02)
+    if proc.poll() is None or not _gloo_init_failed(log_dir):
+      break
+  try:
+    assert proc.poll() is None, ("the job ended before a checkpoint", _mp_logs(log_dir)[0][-3000:])
+    victim = int(open(log_dir / "process_1.pid").read())
+    os.kill(victim, signal.SIGKILL)
+    killed = time.time()
+    try:
+      proc.wait(timeout=_MP_DEATH_BOUND_S)
+    except subprocess.TimeoutExpired:
+      pass
+    ended = time.time() - killed
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  launcher = open(tmp_path / "launcher.txt").read()
+  logs = _mp_logs(log_dir)
+  assert ended < _MP_DEATH_BOUND_S, ("hung after process 1 died", launcher, logs[0][-3000:])
+  assert proc.returncode == 128 + signal.SIGKILL, (proc.returncode, launcher)
+  landed = _finalized_checkpoints(ckpts)
+  assert landed and max(landed) < _MP_STEPS, landed
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert f"process 1 (pid {victim}) was killed by SIGKILL, the first to fail" in launcher, launcher
+  assert ("process 1 was killed by SIGKILL first; process 0 exited with status 75. Rerun the same command to "
+          "resume from the latest checkpoint") in launcher, launcher
+  # Process 0 stopped on its own (status 75, above), saying why and how to go on.
+  assert "process 1 of 2 stopped responding" in logs[0], logs[0][-3000:]
+  assert f"rerun the same command to resume from step {max(landed)} " in logs[0], (landed, logs[0][-3000:])
+
+  resumed = _mp_run(workdir, tmp_path / "logs_resumed", env, fresh=False)
+  logs = _mp_logs(tmp_path / "logs_resumed")
+  assert resumed.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  assert all(f"resumed from step {max(landed)}" in log for log in logs), (landed, logs[0][-3000:])
+  _assert_same_as_uninterrupted(workdir, two_process["workdir"])
 
 
 def test_two_process_hinet_killed_and_resumed_equals_uninterrupted(tmp_path_factory, tmp_path):
