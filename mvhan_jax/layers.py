@@ -11,12 +11,18 @@ import jax.numpy as jnp
 from mvhan_jax.features import FeatureSpec
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def l2_normalize(x: jax.Array, eps: float = 1e-6, zero_safe: bool = True) -> jax.Array:
   """``x / max(|x|, eps)`` along the last axis.
 
-  The norm is taken as rsqrt(max(|x|^2, eps^2)), not max(|x|, eps): the gradient of |x| at an
-  all-zero row (a dead interest, a padded row) is NaN, and NaN * 0 is still NaN.
+  ``zero_safe`` (default): the norm is taken as rsqrt(max(|x|^2, eps^2)), not max(|x|, eps): the
+  gradient of |x| at an all-zero row (a dead interest, a padded row) is NaN, and NaN * 0 is still
+  NaN. ``zero_safe=False`` divides by max(|x|, eps) as written: the same values, gradients that
+  differ in the last bit, which over thousands of steps moves a run's trajectory; the two-tower,
+  MIND/ComiRec and MV-HAN towers (whose outputs are never all-zero) keep it so that their recorded
+  results reproduce exactly.
   """
+  if not zero_safe:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 

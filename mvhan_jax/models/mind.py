@@ -73,7 +73,7 @@ class _MultiInterest(nn.Module):
       self.item_field_embed = FieldEmbedding(self.item_specs, self.dim)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return l2_normalize(x) if self.normalize else x
+    return l2_normalize(x, zero_safe=False) if self.normalize else x
 
   def item_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
     """Un-normalised item embedding of ids of any shape [...] -> [..., D] (used for behaviours too).

@@ -273,7 +273,7 @@ class MVHAN(nn.Module):
     return tuple(s for s in self.item_specs if s.name != TYPE_FIELD)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return l2_normalize(x) if self.normalize else x
+    return l2_normalize(x, zero_safe=False) if self.normalize else x
 
   def type_index(self, item_ids: jax.Array, tables) -> jax.Array:
     """0-based type of items of any shape [...]: type t in 1..T -> t-1; unknown (0) -> 0 (type 1)."""

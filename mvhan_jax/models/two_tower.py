@@ -57,7 +57,7 @@ class TwoTower(nn.Module):
       raise ValueError(f"model.pooling={self.pooling!r} is unknown: use 'mean' or 'recency'")
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return l2_normalize(x) if self.normalize else x
+    return l2_normalize(x, zero_safe=False) if self.normalize else x
 
   def pool_history(self, history: jax.Array, history_len: jax.Array) -> jax.Array:
     """history: int [B, L] left-aligned, most recent at history_len-1. Returns [B, D]."""
