@@ -6,7 +6,7 @@
 #
 #   bash experiments/gpu_bf16_check.sh --prepare   # here, once: data + wheels into .gl/ and .whl/
 #   bash experiments/gpu_bf16_check.sh             # on the GPU machine (carry .gl and .whl)
-#   PYTHON=/work/main/.venv/bin/python bash experiments/gpu_bf16_check.sh --small   # CPU smoke, ~3 min
+#   PYTHON=.venv/bin/python bash experiments/gpu_bf16_check.sh --small   # CPU smoke, ~3 min
 #
 # The device machine has the working tree only and may have no network (WORKSPACE.md, "Accelerator
 # runs from source"). --prepare copies the MovieLens-100k files and their built TFDS records into
