@@ -328,7 +328,6 @@ class Stage:
   total_steps: int
   batch_size: int                           # the global batch
   steps_per_epoch: int
-  source: Any                               # random-access training examples
   dataset: Callable[[int, int], Any]        # (shard_index, shard_count) -> Grain MapDataset of batches
   tx: Any
   init_params: Callable                     # init_params(init_key, *init_args) -> params (traced under jit)
@@ -349,7 +348,6 @@ class Stage:
   lr_field: str = "optimizer.lr"            # the config field `Diverged` suggests lowering
   metric_prefix: str = "train"
   tensorboard: bool = False
-  progress: bool = True
   shown_metric: Callable[[str], bool] = lambda k: "/" not in k
 
 
@@ -459,7 +457,7 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
   train_time, examples_seen, t_last = 0.0, 0, time.perf_counter()
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=stage.total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
-             desc=stage.name or None, disable=not is_main or not (stage.progress and config.get("progress", True)))
+             desc=stage.name or None, disable=not is_main or not config.get("progress", True))
   step = start_step
 
   def diverged(cause: str) -> Diverged:

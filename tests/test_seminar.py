@@ -164,7 +164,7 @@ def test_psu_pretraining_lowers_its_loss(smoke):
   cfg, exp = smoke
   src = sdata.psu_source(exp.data, 16, 4, 0)
   tx = strain._psu_optimizer(cfg, 40)
-  state = strain._psu_init(exp, tx, jax.random.key(0), strain._example(src))
+  state = strain._psu_init(exp, tx, jax.random.key(0), strain.example_batch(src, 2))
   step = strain.make_psu_step(exp, tx)
   batch = src.take(np.arange(16))
   neg = jnp.zeros_like(batch["history_item"])
@@ -185,8 +185,8 @@ def test_restore_loads_pretrained_embedder_and_freeze_keeps_it(smoke, tmp_path):
   emb = strain.load_pretrained_embedder(exp, path)
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
   tx = strain.downstream_optimizer(cfg, 10)
-  fresh = strain.init_state(exp, tx, jax.random.key(0), strain._example(src))
-  state = strain.init_state(exp, tx, jax.random.key(0), strain._example(src), emb)
+  fresh = strain.init_state(exp, tx, jax.random.key(0), strain.example_batch(src, 2))
+  state = strain.init_state(exp, tx, jax.random.key(0), strain.example_batch(src, 2), emb)
   for a, b in zip(jax.tree.leaves(emb), jax.tree.leaves(state.params["params"]["embedder"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(fresh.params["params"]["embedder"]["item_embed"]["embedding"]),
@@ -204,7 +204,7 @@ def test_topk_shapes_and_padding_never_attended(smoke):
   cfg, exp = smoke
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
   tx = strain.downstream_optimizer(cfg, 10)
-  state = strain.init_state(exp, tx, jax.random.key(0), strain._example(src))
+  state = strain.init_state(exp, tx, jax.random.key(0), strain.example_batch(src, 2))
   batch = src.take(np.arange(4))
   batch["history_len"] = np.array([3, 8, 20, 64], np.int32)   # 3 < top_k = 8
   cand = jnp.asarray(np.array([[1, 2, 3]] * 4, np.int32))
@@ -261,7 +261,7 @@ def test_non_finite_scores_are_refused_not_ranked_first(smoke):
     strain.full_ranks(scores, np.array([1, 0]), np.array([0, 0, 0]), np.array([], np.int32), split="valid")
   cfg, exp = smoke
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
-  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain._example(src))
+  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain.example_batch(src, 2))
   nan_params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             state.params)
   with pytest.raises(ValueError, match="test split: sampled-candidate scores hold"):
@@ -271,7 +271,7 @@ def test_non_finite_scores_are_refused_not_ranked_first(smoke):
 def test_evaluate_full_corpus_matches_scoring_every_item(smoke):
   cfg, exp = smoke
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
-  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain._example(src))
+  state = strain.init_state(exp, strain.downstream_optimizer(cfg, 10), jax.random.key(0), strain.example_batch(src, 2))
   m = strain.evaluate(exp, state.params, "test", "exact")
   eq = exp.data.eval_queries["test"]
   hist = sdata.windows(exp.data.item, exp.data.query, exp.data.offsets[eq.user], eq.end, cfg.maxlen)
@@ -378,7 +378,7 @@ def test_killed_run_resumes_to_identical_state(tmp_path):
 
   exp = strain.build_experiment(cfg)
   src = sdata.finetune_source(exp.data, cfg.maxlen, 4, 4, 0)
-  template = strain.init_state(exp, strain.downstream_optimizer(cfg, 60), jax.random.key(0), strain._example(src))
+  template = strain.init_state(exp, strain.downstream_optimizer(cfg, 60), jax.random.key(0), strain.example_batch(src, 2))
   states = []
   for wd in (straight, killed):
     mngr = train_loop.checkpoint_manager(os.path.join(wd, "checkpoints"), 2)

@@ -243,7 +243,7 @@ class RankingTask:
     tx = make_optimizer(config.optimizer, total_steps)
     yield loop.Stage(
         name="", config=config, total_steps=total_steps, batch_size=config.batch_size,
-        steps_per_epoch=steps_per_epoch, source=source,
+        steps_per_epoch=steps_per_epoch,
         dataset=lambda shard, count: pipeline.train_batches(source, config.batch_size, seed=config.seed,
                                                             shard_index=shard, shard_count=count),
         tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp), exp.tables),
@@ -252,7 +252,7 @@ class RankingTask:
         eval_every=config.get("eval_every_steps") or steps_per_epoch, select_metric=config.select_metric,
         patience=config.get("early_stopping_patience", 0), log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", False),
-        progress=config.get("progress", True), shown_metric=lambda k: k.endswith("/all"))
+        shown_metric=lambda k: k.endswith("/all"))
 
   def restore_best(self, workdir):
     return restore_params(workdir, self.exp)

@@ -526,7 +526,7 @@ class RetrievalTask:
     tx = make_optimizer(config.optimizer, total_steps)
     yield loop.Stage(
         name="", config=config, total_steps=total_steps, batch_size=config.batch_size,
-        steps_per_epoch=steps_per_epoch, source=exp.train_source,
+        steps_per_epoch=steps_per_epoch,
         dataset=lambda shard, count: train_dataset(exp, config.batch_size, config.seed, shard, count),
         tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp.train_source, 2),),
         train_step=make_train_step(exp, tx), consts=exp.tables, key=jax.random.key(config.seed),
@@ -534,7 +534,6 @@ class RetrievalTask:
         eval_every=config.eval_every_steps, select_metric=config.select_metric,
         patience=config.early_stopping_patience, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", True),
-        progress=config.get("progress", True),
         shown_metric=lambda k: "/" not in k or k.startswith("targets/"))
 
   def restore_best(self, workdir):

@@ -41,7 +41,7 @@ from mvhan_jax.models import pq
 from mvhan_jax.seminar import data as sdata
 from mvhan_jax.seminar import losses
 from mvhan_jax.seminar import model as smodel
-from mvhan_jax.train import TrainState, make_optimizer
+from mvhan_jax.train import TrainState, example_batch, make_optimizer
 
 KS = (10, 50)
 
@@ -131,10 +131,6 @@ def build_experiment(config, data: sdata.SeminarData | None = None) -> SeminarEx
                            negatives)
 
 
-def _example(source, n: int = 2):
-  return source.take(np.arange(min(n, len(source))))
-
-
 # --------------------------------------------------------------------------------------------------
 # PSU pretraining
 # --------------------------------------------------------------------------------------------------
@@ -194,13 +190,12 @@ def psu_stage(exp: SeminarExperiment) -> loop.Stage:
   tx = _psu_optimizer(config, total)
   return loop.Stage(
       name="psu", config=config, total_steps=total, batch_size=pcfg.batch_size, steps_per_epoch=steps_per_epoch,
-      source=source,
       dataset=lambda shard, count: pipeline.train_batches(source, pcfg.batch_size, seed=config.seed + 1000,
                                                           shard_index=shard, shard_count=count),
-      tx=tx, init_params=_psu_params_fn(exp), init_args=(_example(source), exp.tables),
+      tx=tx, init_params=_psu_params_fn(exp), init_args=(example_batch(source, 2), exp.tables),
       train_step=make_psu_step(exp, tx), consts=exp.tables, key=jax.random.fold_in(jax.random.key(config.seed), 1),
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps, metric_prefix="psu",
-      lr_field="pretrain.lr", progress=config.get("progress", True))
+      lr_field="pretrain.lr")
 
 
 def pretrain(exp: SeminarExperiment, workdir) -> str:
@@ -224,7 +219,7 @@ def load_pretrained_embedder(exp: SeminarExperiment, path):
   mesh = sharding.mesh_from_config(exp.config)
   source = sdata.WindowSource(exp.data, np.zeros(2, np.int32), exp.data.offsets[:1].repeat(2) + 2,
                               exp.config.pretrain.window)
-  template = loop.abstract_state(_psu_params_fn(exp), (jax.random.key(0), _example(source), exp.tables), tx, mesh,
+  template = loop.abstract_state(_psu_params_fn(exp), (jax.random.key(0), example_batch(source, 2), exp.tables), tx, mesh,
                                  sharding.mesh_config(exp.config))
   state, _ = loop.restore_checkpoint(mngr, mngr.latest_step(), template)
   return sharding.host_local(state.params)["params"]["embedder"]
@@ -416,7 +411,7 @@ def restore_best(workdir, exp: SeminarExperiment):
   tx = downstream_optimizer(exp.config, 1)
   source = sdata.finetune_source(exp.data, exp.config.maxlen, 1, 1, 0)
   mesh = sharding.mesh_from_config(exp.config)
-  template = loop.abstract_state(_params_fn(exp), (jax.random.key(0), _example(source), exp.tables, None), tx, mesh,
+  template = loop.abstract_state(_params_fn(exp), (jax.random.key(0), example_batch(source, 2), exp.tables, None), tx, mesh,
                                  sharding.mesh_config(exp.config),
                                  extra=np.zeros(_codebook_shape(exp.config, exp.data), np.float32))
   tree, step = loop.restore_best(workdir, {"params": template.params, "codebooks": template.extra}, exp.config)
@@ -487,10 +482,9 @@ class SeminarTask:
     self.t_train = time.perf_counter()
     return loop.Stage(
         name="", config=config, total_steps=total_steps, batch_size=bs, steps_per_epoch=steps_per_epoch,
-        source=source,
         dataset=lambda shard, count: pipeline.train_batches(source, bs, seed=config.seed, shard_index=shard,
                                                             shard_count=count),
-        tx=tx, init_params=_params_fn(exp), init_args=(_example(source), exp.tables, emb_params),
+        tx=tx, init_params=_params_fn(exp), init_args=(example_batch(source, 2), exp.tables, emb_params),
         train_step=make_train_step(exp, tx), consts=(exp.tables, exp.negatives), key=jax.random.key(config.seed),
         extra=np.zeros(_codebook_shape(config, exp.data), np.float32), on_start=on_start,
         evaluate=valid_eval, before_eval=before_eval,
@@ -498,7 +492,7 @@ class SeminarTask:
         eval_every=config.train.get("eval_every_steps") or steps_per_epoch, select_metric=config.select_metric,
         patience=config.get("early_stopping_patience", 0), log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", False),
-        progress=config.get("progress", True), shown_metric=lambda k: True)
+        shown_metric=lambda k: True)
 
   def restore_best(self, workdir):
     params, codebooks, step = restore_best(workdir, self.exp)
