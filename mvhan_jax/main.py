@@ -38,7 +38,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:a
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, index and results (local or gs://...).")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "index", "recommend", "plots"], "What to run.")
 flags.DEFINE_string("data_dir", None, "Dataset cache directory (default: $MVHAN_DATA_DIR or ~/.cache/mvhan_jax).")
-flags.DEFINE_integer("user", None, "Dense user index for --mode=recommend (MovieLens: raw user id - 1).")
+flags.DEFINE_string("user", None, "--mode=recommend: the user (MovieLens: the dense index, raw user id - 1; "
+                    "an interaction log: the raw id as in the file).")
 flags.DEFINE_integer("top_n", 10, "Recommendations to print.")
 flags.DEFINE_string("type", None, "--mode=recommend: retrieve only items of this content type (e.g. 'family').")
 flags.DEFINE_integer("examples", 3, "Example users to print after --mode=train.")

@@ -29,7 +29,7 @@ class WorkdirError(errors.UserError, FileNotFoundError):
   """A --workdir (or --compare) that lacks what the mode reads: the message says what to run first."""
 
 
-def run(mode: str, config, workdir, *, user: int | None = None, top_n: int = 10, content_type: str | None = None,
+def run(mode: str, config, workdir, *, user: int | str | None = None, top_n: int = 10, content_type: str | None = None,
         examples: int = 3, plots: bool = True, compare=()) -> dict | None:
   """Runs ``mode`` for ``config``'s task on ``workdir`` and prints what a person reads.
 
@@ -47,7 +47,7 @@ def run(mode: str, config, workdir, *, user: int | None = None, top_n: int = 10,
     raise
 
 
-def check_inputs(mode: str, config, workdir, *, user: int | None = None, top_n: int = 10, examples: int = 3,
+def check_inputs(mode: str, config, workdir, *, user: int | str | None = None, top_n: int = 10, examples: int = 3,
                  compare=()) -> None:
   """The inputs that need no data: the mode for the config's task, the numbers, and that a workdir
   to read holds a trained model (an absent one would otherwise be created empty by the restore)."""
@@ -64,9 +64,16 @@ def check_inputs(mode: str, config, workdir, *, user: int | None = None, top_n: 
   if examples < 0:
     raise UsageError(f"--examples={examples} is invalid: use >= 0 example users (0: none)")
   if mode == "recommend" and user is None:
-    raise UsageError("--mode=recommend needs --user=<dense user index> (MovieLens: the raw user id - 1)")
-  if mode == "recommend" and user < 0:
-    raise UsageError(f"--user={user} is out of range: use a dense user index >= 0 (MovieLens: the raw user id - 1)")
+    raise UsageError("--mode=recommend needs --user=<dense user index> (MovieLens: the raw user id - 1; "
+                     "an interaction log: the raw id as in the file)")
+  if mode == "recommend" and _dataset(config) != "interactions":
+    try:
+      user = int(user)
+    except (TypeError, ValueError):
+      raise UsageError(f"--user={user!r} is not a dense user index: give an integer >= 0 (MovieLens: the raw "
+                       "user id - 1)") from None
+    if user < 0:
+      raise UsageError(f"--user={user} is out of range: use a dense user index >= 0 (MovieLens: the raw user id - 1)")
   try:
     wd.path(workdir)
   except ValueError as e:
@@ -79,6 +86,10 @@ def check_inputs(mode: str, config, workdir, *, user: int | None = None, top_n: 
   if mode == "plots":
     for other in compare:
       _check_trained(other, "--compare", needs_best=name == "retrieval")
+
+
+def _dataset(config) -> str | None:
+  return config.dataset.get("name") if "dataset" in config else None
 
 
 def _check_trained(workdir, flag: str, needs_best: bool) -> None:
@@ -113,12 +124,14 @@ def _remove_if_empty(workdir) -> None:
     pass
 
 
-def _check_task_inputs(task, mode: str, user: int | None, content_type: str | None) -> None:
-  """The flags checked against the loaded data (before training or any restore): --user, --type."""
+def _check_task_inputs(task, mode: str, user, content_type: str | None, workdir=None):
+  """The flags checked against the loaded data (before training or any restore): --user, --type.
+  Returns --user as a dense index (an interaction log's raw id mapped through <workdir>/ids/)."""
   if tasks.task_name(task.config) != "retrieval":
-    return
+    return user
   from mvhan_jax.tasks import retrieval as rtask  # pylint: disable=import-outside-toplevel
   if mode == "recommend":
+    user = rtask.dense_user(task.config, task.exp, workdir, user)
     rtask.test_row(task.exp, user)
   if content_type and mode in ("train", "recommend"):
     names = list(task.exp.type_names or ())
@@ -127,12 +140,13 @@ def _check_task_inputs(task, mode: str, user: int | None, content_type: str | No
                        "config.dataset.content_types='genre_family'); drop --type")
     if content_type not in names:
       raise UsageError(f"--type={content_type!r} is not a content type of this run: use one of {', '.join(names)}")
+  return user
 
 
 def _run(mode, config, workdir, user, top_n, content_type, examples, plots, compare):
   name = tasks.task_name(config)
   task = tasks.build_task(config)
-  _check_task_inputs(task, mode, user, content_type)
+  user = _check_task_inputs(task, mode, user, content_type, workdir)
   if mode == "train":
     results = train.train_and_evaluate(task, workdir)
     if results is None:

@@ -167,7 +167,11 @@ class MIND(_MultiInterest):
     if self.user_specs:
       profile = self.user_fields(gather_rows(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
       x = jnp.concatenate([capsules, jnp.broadcast_to(profile, (B, self.num_interests, profile.shape[-1]))], -1)
-    v = self._out(self.user_mlp(x, train=train))
+    h = self.user_mlp(x, train=train)
+    # A dead interest's row is replaced by a constant before normalising: without profile features the
+    # MLP can map its zero capsule to exactly zero, and |x|'s gradient at 0 is NaN. Live rows are
+    # unchanged, and dead rows are zeroed below either way.
+    v = self._out(jnp.where(imask[..., None], h, 1.0))
     # The MLP maps a dead (zero) capsule to a non-zero vector: zero it so it can never be retrieved.
     return v * imask[..., None], imask
 

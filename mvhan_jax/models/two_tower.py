@@ -75,15 +75,19 @@ class TwoTower(nn.Module):
 
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """batch: 'user' [B], 'history' [B, L], 'history_len' [B]. Returns [B, D]."""
-    fields = self.user_fields(gather_rows(tables["user"], batch["user"]))  # [B, F, D]
     pooled = self.pool_history(batch["history"], batch["history_len"])
-    x = jnp.concatenate([pooled, fields.reshape(fields.shape[0], -1)], axis=-1)
+    x = pooled
+    if self.user_specs:  # a log without user features has none
+      fields = self.user_fields(gather_rows(tables["user"], batch["user"]))  # [B, F, D]
+      x = jnp.concatenate([pooled, fields.reshape(fields.shape[0], -1)], axis=-1)
     return self._out(self.user_mlp(x, train=train))
 
   def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
     """item_ids: int [N]. Returns [N, D]."""
-    fields = self.item_fields(gather_rows(tables["item"], item_ids))
-    x = jnp.concatenate([self.item_id_embed(item_ids), fields.reshape(fields.shape[0], -1)], axis=-1)
+    x = self.item_id_embed(item_ids)
+    if self.item_specs:
+      fields = self.item_fields(gather_rows(tables["item"], item_ids))
+      x = jnp.concatenate([x, fields.reshape(fields.shape[0], -1)], axis=-1)
     return self._out(self.item_mlp(x, train=train))
 
   def __call__(self, batch, tables, train: bool = False):

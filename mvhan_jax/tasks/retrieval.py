@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -61,6 +62,9 @@ class Experiment:
   examples_by_type: dict[int, Any] | None = None
   type_samplers: dict[int, losses.Sampler] | None = None
   evaluators: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # An interaction log's raw ids in dense-id order (config.dataset.name='interactions'), else None.
+  raw_user_ids: list | None = None
+  raw_item_ids: list | None = None
 
 
 PROTOCOLS = ("leave_one_out", "comirec")
@@ -114,6 +118,10 @@ def build_experiment(config) -> Experiment:
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
   }
   exp = Experiment(config, data, split, train_source, eval_sets, model, tables, sampler)
+  if config.dataset.name == "interactions":  # raw ids for `recommend` (mvhan_jax/data/logs.py)
+    from mvhan_jax.data import logs  # pylint: disable=import-outside-toplevel
+    folder = registry.log_folder(config)
+    exp.raw_user_ids, exp.raw_item_ids = logs.raw_ids(folder, "user"), logs.raw_ids(folder, "item")
   _setup_content_types(exp, counts)
   return exp
 
@@ -516,8 +524,9 @@ class RetrievalTask:
     self.exp = build_experiment(config)
 
   def stages(self, workdir):
-    del workdir
     config, exp = self.config, self.exp
+    if config.dataset.name == "interactions" and jax.process_index() == 0:
+      save_id_maps(config, workdir)
     n = num_train_examples(exp)
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch == 0:
@@ -531,7 +540,8 @@ class RetrievalTask:
         tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp.train_source, 2),),
         train_step=make_train_step(exp, tx), consts=exp.tables, key=jax.random.key(config.seed),
         evaluate=lambda params, split: evaluate(exp, params, split),
-        eval_every=config.eval_every_steps, select_metric=config.select_metric,
+        eval_every=config.eval_every_steps or steps_per_epoch * config.get("eval_every_epochs", 0),
+        select_metric=config.select_metric,
         patience=config.early_stopping_patience, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, tensorboard=config.get("tensorboard", True),
         shown_metric=lambda k: "/" not in k or k.startswith("targets/"))
@@ -608,14 +618,58 @@ def recommend(exp, index, params, user: int, top_n: int) -> list[tuple[int, floa
   return out[:top_n]
 
 
+def save_id_maps(config, workdir) -> None:
+  """An interaction log's raw-id maps (users.parquet, items.parquet) and manifest, into <workdir>/ids/,
+  so that `--mode=recommend --user=<raw id>` reads the mapping the model was trained with."""
+  folder = registry.log_folder(config)
+  dest = wd.path(workdir) / "ids"
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ("users.parquet", "items.parquet", "manifest.json"):
+    with open(os.path.join(folder, name), "rb") as f:
+      (dest / name).write_bytes(f.read())
+
+
+def dense_user(config, exp, workdir, user) -> int:
+  """``--user`` as a dense index: an interaction log's raw user id (as in the file, looked up in
+  <workdir>/ids/users.parquet), else the dense index itself."""
+  if config.dataset.name != "interactions":
+    try:
+      return int(user)
+    except (TypeError, ValueError):
+      raise UnknownUserError(f"--user={user!r} is not a dense user index: give an integer in "
+                             f"0..{exp.data.num_users - 1} (MovieLens: the raw user id - 1)") from None
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  path = wd.path(workdir) / "ids" / "users.parquet"
+  if wd.exists(path):
+    with path.open("rb") as f:
+      raw = [str(v) for v in pq.read_table(f).column("raw_id").to_pylist()]
+  else:
+    raw = [str(v) for v in exp.raw_user_ids]
+  key = str(user).strip()
+  if key not in raw:
+    raise UnknownUserError(f"--user={user!r} is not a user of this log (after dropping users with fewer than "
+                           f"{config.dataset.get('min_events', 3)} events): give a raw id from the log's "
+                           f"{config.dataset.user_column!r} column, e.g. {raw[0]!r}")
+  return raw.index(key)
+
+
 def print_recommendations(exp, index, params, users, top_n) -> None:
   titles = exp.data.item_titles or tuple(f"item {i}" for i in range(exp.data.num_items))
+  raw_items = getattr(exp, "raw_item_ids", None)
+  raw_users = getattr(exp, "raw_user_ids", None)
+
+  def name(i):
+    if raw_items is not None and str(raw_items[i]) != titles[i]:
+      return f"{titles[i]} [{raw_items[i]}]"
+    return titles[i]
+
   test = exp.eval_sets["test"]
   for user in users:
     row = test_row(exp, user)
     hist = test.history[row, : test.history_len[row]][-3:]
     target = int(test.targets[row, 0])
-    print(f"\nUser {user}: recently watched " + "; ".join(titles[i] for i in hist))
+    label = f"User {raw_users[user]}" if raw_users is not None else f"User {user}"
+    print(f"\n{label}: recently watched " + "; ".join(name(i) for i in hist))
     for rank, (item, score) in enumerate(recommend(exp, index, params, user, top_n), 1):
       mark = "  <- held-out test item" if item == target else ""
-      print(f"  {rank:2d}. {titles[item]}  ({score:.3f}){mark}")
+      print(f"  {rank:2d}. {name(item)}  ({score:.3f}){mark}")
