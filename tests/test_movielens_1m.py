@@ -190,3 +190,26 @@ def test_real_sizes_and_known_rows(real):
   assert real.item_titles[0] == "Toy Story (1995)"
   assert np.bincount(real.user, minlength=6040).min() >= 20  # every ML-1M user has >= 20 ratings
   assert real.item_features["year"].min() >= 1 and real.user_features["occupation"].min() >= 1
+
+
+def test_registry_dataset_and_cached_training_source(tiny, tmp_path, monkeypatch):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.data import registry  # pylint: disable=import-outside-toplevel
+  # The tiny copy passes as the real one: its digests and counts.
+  monkeypatch.setattr(movielens, "ML1M_SHA256", _digests(tiny))
+  monkeypatch.setattr(movielens, "ML1M_NUM_USERS", 3)
+  monkeypatch.setattr(movielens, "ML1M_NUM_ITEMS", 4)
+  monkeypatch.setattr(movielens, "ML1M_NUM_RATINGS", 6)
+  c = ml_collections.ConfigDict({"dataset": {"name": "movielens_1m", "data_dir": str(tmp_path / "root"),
+                                             "content_types": "genre_family"},
+                                 "protocol": "leave_one_out", "maxlen": 2})
+  assert "movielens_1m" in registry.DATASETS
+  data = registry.load_dataset(c)
+  assert data.name == "ml-1m-genre_family" and registry.content_type_names(c, data) == ("mainstream", "family", "niche")
+  split = protocol.leave_one_out(data)
+  src = registry.train_source(c, data, split)
+  # Only user 0 has >= 3 items ([1, 0, 3]): training sequence [1], no example; user 1 [0, 1] and
+  # user 2 [2] keep their whole sequence: one example (history [0], target 1).
+  np.testing.assert_array_equal(src.arrays["target"], [1])
+  np.testing.assert_array_equal(src.arrays["history"], [[0, 0]])
+  assert registry.train_source(c, data, split) is src  # built once per (data_dir, maxlen)
