@@ -242,3 +242,42 @@ def check_choice(cfg, name: str, choices: Iterable[str]) -> None:
   value = field(cfg, name)
   if value not in choices:
     raise ConfigError(f"config.{name}={value!r} is unknown: use one of {', '.join(repr(c) for c in choices)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# MovieLens-100k configs on MovieLens-1M (config arg ``dataset=ml1m``)
+# --------------------------------------------------------------------------------------------------
+MOVIELENS_DATASETS = {"ml100k": "movielens_100k", "ml1m": "movielens_1m"}
+# Leave-one-out training examples (sum over users of len - 3): an epoch's length.
+LEAVE_ONE_OUT_EXAMPLES = {"movielens_100k": 97_171, "movielens_1m": 982_089}
+ML1M_EPOCH_DIVISOR = 3  # ML-1M has 10x ML-100k's examples: a third of the epochs is still ~3.4x the steps
+
+
+def set_movielens_dataset(c: ml_collections.ConfigDict, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
+  """Points a MovieLens-100k retrieval config at ``dataset=ml100k`` (unchanged) or ``ml1m``.
+
+  On ML-1M (``config.dataset.name='movielens_1m'``, 3,706 items, 982,089 training examples:
+  3,837 steps per epoch at batch 256) an epoch-based run trains ``ceil(num_epochs / 3)`` epochs
+  (two-tower / MIND: 12 -> 4; MV-HAN: 6 -> 2) and evaluates and checkpoints every half epoch (the
+  ML-100k configs: about every epoch; early-stopping patience stays 3 evaluations). A fixed-length
+  run (``total_steps`` > 0, e.g. ``smoke``) keeps its cadence. Applied once, at the end of the
+  config's own settings (a second call on an ML-1M config changes nothing).
+  """
+  if arg is None or arg == "":
+    return c
+  if arg not in MOVIELENS_DATASETS:
+    raise ConfigError(f"{os.path.basename(config_file)}: config arg dataset={arg!r} is unknown: use "
+                      f"{' or '.join(MOVIELENS_DATASETS)}")
+  name = MOVIELENS_DATASETS[arg]
+  if c.dataset.name == name:
+    return c
+  if c.dataset.name != "movielens_100k":
+    raise ConfigError(f"{os.path.basename(config_file)}: dataset={arg} applies to MovieLens-100k configs, "
+                      f"not to config.dataset.name={c.dataset.name!r}")
+  c.dataset.name = name
+  if not c.get("total_steps"):
+    steps_per_epoch = -(-LEAVE_ONE_OUT_EXAMPLES[name] // c.batch_size)
+    c.num_epochs = max(1, -(-c.num_epochs // ML1M_EPOCH_DIVISOR))
+    c.eval_every_steps = -(-steps_per_epoch // 2)
+    c.checkpoint_every_steps = c.eval_every_steps
+  return c

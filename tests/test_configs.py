@@ -18,6 +18,7 @@ CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(C
 # Each file's args with an example value (None: a flag), chosen to differ from the default so that a
 # silently ignored arg shows up as an unchanged config. Must list exactly the file's ARGS.
 _MIND = {"model": "comirec_sa", "K": "2", "power": "2.0", "axis": "behaviours", "smoke": None}
+_ML1M = {"dataset": "ml1m"}  # MovieLens configs only
 _MULTITOWER = {"extractor": "comirec_sa", "K": "2", "tower": "single", "readout": "argmax", "score": "lse",
                "lse_t": "0.5", "repel": "infonce", "lam": "0.3", "margin": "0.1", "protocol": "comirec",
                "epochs": "3", "smoke": None}
@@ -27,17 +28,17 @@ _MVHAN = {"model": "mv_dnn", "typed": None, "pooled": None, "single": "2", "ligh
 _SEMINAR = {"nopretrain": None, "no_next": None, "no_align": None, "no_rel": None, "attention": "pq",
             "eval_attention": "pq", "freeze": None}
 EXAMPLES = {
-    "two_tower_ml100k": {"recency": None, "smoke": None},
+    "two_tower_ml100k": {"recency": None, "smoke": None, **_ML1M},
     "two_tower_synthetic": {"recency": None, "smoke": None},
     "hinet_ml100k": {"model": "ple", "negatives": "retrieval", "no_san": None, "no_specific": None,
                      "shared_tower": None, "smoke": None},
     "hinet_synthetic": {"model": "star", "no_san": None, "no_specific": None, "shared_tower": None, "smoke": None},
-    "mind_ml100k": _MIND,
+    "mind_ml100k": {**_MIND, **_ML1M},
     "mind_synthetic": {**_MIND, "model": "two_tower"},
     "mind_synthetic_1m": _MIND,
-    "multitower_ml100k": _MULTITOWER,
+    "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
-    "mvhan_ml100k": _MVHAN,
+    "mvhan_ml100k": {**_MVHAN, **_ML1M},
     "mvhan_synthetic": _MVHAN,
     "seminar_ml100k": _SEMINAR,
     "seminar_synthetic": {**_SEMINAR, "smoke": None},
@@ -90,6 +91,9 @@ COMBINATIONS = [
     ("multitower_ml100k", "extractor=comirec_sa,readout=serve,repel=hinge,protocol=comirec,epochs=4"),
     ("multitower_synthetic", "tower=single,extractor=mind,epochs=2"), ("hinet_synthetic", "model=hinet,shared_tower"),
     ("mind_synthetic_1m", "model=mind,K=4,smoke"), ("two_tower_synthetic", "recency,smoke"),
+    ("two_tower_ml100k", "recency,dataset=ml1m"), ("mind_ml100k", "model=mind,K=1,dataset=ml1m"),
+    ("mind_ml100k", "model=comirec_sa,dataset=ml1m"), ("mind_ml100k", "model=comirec_dr,dataset=ml1m"),
+    ("mvhan_ml100k", "smoke,dataset=ml1m"),
 ]
 
 
@@ -183,3 +187,18 @@ def test_scripts_share_the_override_flag_and_import_the_installed_package():
     if path.endswith("_table.py"):
       assert 'flags.DEFINE_list("override"' in text and "configs.apply_overrides" in text, path
       assert not re.search(r'DEFINE_\w+\("(overrides|extra|world)"', text), path
+
+
+def test_dataset_ml1m_schedule():
+  c = _load("two_tower_ml100k", "dataset=ml1m")
+  assert c.dataset.name == "movielens_1m" and c.num_epochs == 4
+  assert c.eval_every_steps == c.checkpoint_every_steps == 1919  # half of ceil(982,089 / 256) = 3,837
+  assert _load("mvhan_ml100k", "dataset=ml1m").num_epochs == 2
+  assert _load("multitower_ml100k", "dataset=ml1m,epochs=3").num_epochs == 3  # epochs= still wins
+  smoke = _load("mind_ml100k", "smoke,dataset=ml1m")
+  assert smoke.total_steps == 120 and smoke.eval_every_steps == _load("mind_ml100k", "smoke").eval_every_steps
+  assert _load("two_tower_ml100k", "dataset=ml100k").to_dict() == _load("two_tower_ml100k").to_dict()
+  with pytest.raises(ValueError, match=r"mind_ml100k\.py: config arg dataset='ml20m' is unknown: use ml100k or ml1m"):
+    _load("mind_ml100k", "dataset=ml20m")
+  with pytest.raises(ValueError, match=r"'dataset=ml1m'.*known:"):
+    _load("mind_synthetic", "dataset=ml1m")

@@ -11,6 +11,7 @@ Arguments after ':' (comma-separated key=value or flags):
   power=<float>|hard                 label-aware attention power (MIND training readout)
   axis=interests|behaviours          routing softmax axis (MIND follows the paper: interests)
   smoke                              120 steps of a small model, for tests
+  dataset=ml100k|ml1m                MovieLens-1M: see configs.set_movielens_dataset
 Expected result: experiments/results/ml100k.md (mean ± std over 3 seeds).
 """
 
@@ -18,7 +19,7 @@ import ml_collections
 
 from mvhan_jax import configs
 
-ARGS = ("model=", "K=", "power=", "axis=", "smoke")
+ARGS = ("model=", "K=", "power=", "axis=", "smoke", "dataset=")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,4 +44,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.sampler = "log_uniform"
   if name in ("comirec_dr",):
     c.optimizer.lr = 5e-3 if "smoke" not in args else c.optimizer.lr  # ComiRec's DR setting
-  return c
+  return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

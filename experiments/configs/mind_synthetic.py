@@ -18,7 +18,7 @@ from mvhan_jax import configs
 from mvhan_jax.data import synthetic_config
 
 _mind = configs.sibling(__file__, "mind_ml100k")
-ARGS = _mind.ARGS  # model= also takes two_tower here
+ARGS = tuple(a for a in _mind.ARGS if a != "dataset=")  # model= also takes two_tower here; dataset= is MovieLens only
 
 
 def world_defaults() -> dict:

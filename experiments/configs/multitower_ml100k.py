@@ -17,6 +17,7 @@ Arguments after ':' (comma-separated key=value or flags):
   protocol=leave_one_out|comirec         evaluation protocol (comirec: 8:1:1 users, Recall@50 selection)
   epochs=<int>          overrides config.num_epochs (the cosine schedule follows)
   smoke                 a few hundred steps of a small model, for tests
+  dataset=ml100k|ml1m   MovieLens-1M: see configs.set_movielens_dataset (epochs= still wins)
 Both towers use the log-uniform negative sampler with logQ (as the MIND configs).
 Expected result: experiments/results/multitower.md (mean ± std over 3 seeds).
 """
@@ -26,7 +27,7 @@ import ml_collections
 from mvhan_jax import configs
 
 ARGS = ("extractor=", "K=", "tower=", "readout=", "score=", "lse_t=", "repel=", "lam=", "margin=", "protocol=",
-        "epochs=", "smoke")
+        "epochs=", "smoke", "dataset=")
 
 
 def _choice(args, key, default, allowed):
@@ -74,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.select_metric = "Recall@50"
     c.eval_every_steps = 300
     c.checkpoint_every_steps = 300
+  c = configs.set_movielens_dataset(c, args.get("dataset"), __file__)
   if "epochs" in args:
     c.num_epochs = int(args["epochs"])
   return apply_args(c, args)

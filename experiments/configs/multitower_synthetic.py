@@ -14,7 +14,7 @@ import ml_collections
 from mvhan_jax import configs
 
 _mt = configs.sibling(__file__, "multitower_ml100k")
-ARGS = _mt.ARGS
+ARGS = tuple(a for a in _mt.ARGS if a != "dataset=")  # dataset=: MovieLens only
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

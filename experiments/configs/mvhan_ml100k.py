@@ -25,6 +25,7 @@ Arguments after ':' (comma-separated key=value or flags):
   light                          a 4x cheaper model for many-run tables: d = 32, one FEL block, MRL 128,
                                  10 behaviour tokens, 128 negatives (experiments/mvhan_table.py)
   smoke                          a few steps of a small model, for tests
+  dataset=ml100k|ml1m            MovieLens-1M (same genre-family rule): configs.set_movielens_dataset
 Every run also reports per-type metrics with the ranking restricted to the target's type
 ('valid/family/HR@50', 'valid/niche/AUC', ...) and their mean over the target types ('targets/...').
 Expected result: experiments/results/mvhan.md (mean ± std over 3 seeds) and, for the default
@@ -36,7 +37,7 @@ import ml_collections
 from mvhan_jax import configs
 
 ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
-        "learn_temperature", "smoke")
+        "learn_temperature", "smoke", "dataset=")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,4 +95,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.select_metric = "NDCG@10"
   if smoke:
     c.batch_size = 64
-  return c
+  return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

@@ -20,7 +20,7 @@ import ml_collections
 from mvhan_jax import configs
 
 _ml = configs.sibling(__file__, "mvhan_ml100k")
-ARGS = _ml.ARGS
+ARGS = tuple(a for a in _ml.ARGS if a != "dataset=")  # dataset=: MovieLens only
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ import ml_collections
 from mvhan_jax import configs
 
 _base = configs.sibling(__file__, "two_tower_ml100k")
-ARGS = _base.ARGS
+ARGS = tuple(a for a in _base.ARGS if a != "dataset=")  # dataset=: MovieLens only
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

