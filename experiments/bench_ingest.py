@@ -94,13 +94,22 @@ def train_rates(path: str, data_dir: str, steps: int, batch_size: int) -> dict:
   task = tasks.build_task(c)
   build_s = time.perf_counter() - t0
   src = task.exp.train_source
-  ds = pipeline.train_batches(src, batch_size, seed=0, shard_index=0, shard_count=1)
-  ds[0]
+
+  def rate(source):
+    ds = pipeline.train_batches(source, batch_size, seed=0, shard_index=0, shard_count=1)
+    ds[0]
+    t0, n = time.perf_counter(), 0
+    for i in range(1, steps + 1):
+      n += len(ds[i]["target"])
+    return n / (time.perf_counter() - t0)
+
+  from mvhan_jax.data import logs, registry  # pylint: disable=import-outside-toplevel
+  shards = logs.ShardedExamples(registry.log_folder(c))
   t0 = time.perf_counter()
-  n = 0
-  for i in range(1, steps + 1):
-    n += len(ds[i]["target"])
-  read_rate = n / (time.perf_counter() - t0)
+  shards.load_all()
+  load_s = time.perf_counter() - t0
+  shard_rate = rate(shards)
+  read_rate = rate(src)
   # Whole steps through the loop: `stop_at_step` ends the run after `steps` steps.
   workdir = tempfile.mkdtemp(prefix="bench_ingest_run_")
   c.total_steps = 10 * steps
@@ -119,7 +128,8 @@ def train_rates(path: str, data_dir: str, steps: int, batch_size: int) -> dict:
       rates += [v for k, v in json.loads(line).items() if k.endswith("examples_per_sec")]
   shutil.rmtree(workdir, ignore_errors=True)
   step_rate = float(np.median(rates[1:] or rates)) if rates else float("nan")  # the first includes compilation
-  return {"build_experiment_s": build_s, "read_examples_per_s": read_rate, "train_steps": steps,
+  return {"build_experiment_s": build_s, "source": type(src).__name__, "read_examples_per_s": read_rate,
+          "shards_random_access_examples_per_s": shard_rate, "shards_load_all_s": load_s, "train_steps": steps,
           "train_run_s_incl_compile": run_s, "train_examples_per_s": step_rate, "train_examples": len(src), "backend": jax.default_backend()}
 
 
@@ -163,7 +173,9 @@ def main():
     if "local" in row["engines"]:
       row["training"] = train_rates(path, os.path.join(root, f"cache_{rows}_local"), args.steps, args.batch_size)
       t = row["training"]
-      print(f"{'':>11}  shards -> batches of {args.batch_size}: {t['read_examples_per_s']:,.0f} examples/s; "
+      print(f"{'':>11}  batches of {args.batch_size} read per batch from the shards: "
+            f"{t['shards_random_access_examples_per_s']:,.0f} examples/s; all shards into memory in "
+            f"{t['shards_load_all_s']:.1f} s, then {t['read_examples_per_s']:,.0f} examples/s ({t['source']}); "
             f"training {t['train_examples_per_s']:,.0f} examples/s after compilation ({args.steps} steps in "
             f"{t['train_run_s_incl_compile']:.1f} s with it)", flush=True)
     results.append(row)

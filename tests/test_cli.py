@@ -197,7 +197,7 @@ def test_every_shipped_config_passes_its_own_tasks_checks():
     (TWO_TOWER, "--config.batch_size=0", ["config.batch_size=0", ">= 1"]),       # ZeroDivisionError
     (TWO_TOWER, "--config.task=ranking", ["config.task='ranking'", "loss.task_weights", "it is a retrieval config",
                                           "hinet_ml100k.py"]),               # AttributeError: 'task_weights'
-    (TWO_TOWER + ",smok", "", ["two_tower_ml100k.py", "'smok'", "known: recency, smoke"]),
+    (TWO_TOWER + ",smok", "", ["two_tower_ml100k.py", "'smok'", "known: dataset=, recency, smoke"]),
     (TWO_TOWER, "--config.batch_siz=3", ["--config.batch_siz", "did you mean 'batch_size'"]),
     ("experiments/configs/nope.py", "", ["--config=experiments/configs/nope.py", "no such file"]),
     (TWO_TOWER, "--usr=3", ["Unknown command line flag 'usr'", "user"]),

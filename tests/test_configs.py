@@ -33,6 +33,7 @@ EXAMPLES = {
     "hinet_ml100k": {"model": "ple", "negatives": "retrieval", "no_san": None, "no_specific": None,
                      "shared_tower": None, "smoke": None},
     "hinet_synthetic": {"model": "star", "no_san": None, "no_specific": None, "shared_tower": None, "smoke": None},
+    "interactions": {"model": "mind", "smoke": None},
     "mind_ml100k": {**_MIND, **_ML1M},
     "mind_synthetic": {**_MIND, "model": "two_tower"},
     "mind_synthetic_1m": _MIND,

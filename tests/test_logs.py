@@ -255,7 +255,7 @@ def test_mind_without_profile_features_trains_finite(tmp_path):
   path = _small_log(tmp_path, rows=planted_log(n_users=100, length=8))
   c = configs.load_config("experiments/configs/interactions.py:model=mind,smoke")
   c.dataset.update(path=str(path), user_column="member", item_column="sku", time_column="clicked_at",
-                   data_dir=str(tmp_path / "cache"))
+                   data_dir=str(tmp_path / "cache"), in_memory_mb=0)  # batches read from the shards
   c.update(total_steps=4, eval_every_steps=4, checkpoint_every_steps=4, batch_size=64)
   c.index.build = False
   results = tasks.train_and_evaluate(c, str(tmp_path / "run"))

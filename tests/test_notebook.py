@@ -152,13 +152,15 @@ def _check_cli_figures(workdir, results):
   assert len(run.item_xy) == len(run.item_type) == 1682
 
 
-def _check_notebook(workdir, cwd):
+def _check_notebook(workdir, cwd, train_config, train_flags):
   import nbclient  # pylint: disable=import-outside-toplevel
   import nbformat  # pylint: disable=import-outside-toplevel
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1, "the notebook needs one cell tagged 'parameters'"
-  params[0].source = f"WORKDIRS = [{workdir!r}]\nNAMES = ['smoke']\nDATA_DIR = None"
+  assert 'WORKDIRS = ["runs/mvhan_ml100k"]' in params[0].source  # README command 1's workdir
+  params[0].source = (f"WORKDIRS = [{workdir!r}]\nNAMES = ['smoke']\nDATA_DIR = None\n"
+                      f"TRAIN_CONFIG = {train_config!r}\nTRAIN_FLAGS = {train_flags!r}")
   # timeout: a guard against a hung kernel, not a speed limit (a starved machine may take minutes).
   nbclient.NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -181,16 +183,15 @@ def _check_notebook(workdir, cwd):
 
 
 def test_cli_and_notebook_on_a_tiny_mvhan_run(tmp_path):
-  from mvhan_jax import train  # pylint: disable=import-outside-toplevel
+  """The notebook opened cold: its workdir does not exist, so it trains one itself through mvhan-train's
+  own flags, then evaluates and plots it; the CLI's figures of the same workdir agree with it."""
   workdir = str(tmp_path / "mvhan_smoke")
-  cfg = load_config(os.path.join(ROOT, "experiments", "configs", "mvhan_ml100k.py") + ":smoke,typed")
-  cfg.total_steps = 30
-  cfg.log_every_steps = 10
-  cfg.eval_every_steps = 30
-  cfg.checkpoint_every_steps = 30
-  cfg.tensorboard = False
-  results = tasks.train_and_evaluate(cfg, workdir)
-  _check_cli_figures(workdir, results)
-  os.remove(os.path.join(workdir, "plots", "hr_curves.png"))
-  _check_notebook(workdir, str(tmp_path))
+  config = os.path.join(ROOT, "experiments", "configs", "mvhan_ml100k.py") + ":smoke,typed"
+  flags = ["--config.total_steps=30", "--config.log_every_steps=10", "--config.eval_every_steps=30",
+           "--config.checkpoint_every_steps=30", "--config.tensorboard=False"]
+  _check_notebook(workdir, str(tmp_path), config, flags)
   assert os.path.exists(os.path.join(workdir, "plots", "hr_curves.png"))  # the notebook's save cell
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["final_step"] == 30
+  _check_cli_figures(workdir, results)
