@@ -21,13 +21,21 @@ Shapes (all float32, codes int32; every shape is static under ``jax.jit``):
 
 Multi-modal score. With per-modality weights w [M], queries q [B, H, M, d] and keys k [B, L, M, d],
   score[b, h, l] = sum_i sum_j w_i w_j <q[b, h, i], k[b, l, j]> = <sum_i w_i q_i, sum_j w_j k_j>.
-The exact path uses the factorised right-hand side (O(M d) per position, not O(M^2 d)). The PQ path
+The exact path is one matmul with an M d contraction (the query side carries both weight sums; O(M d)
+per position, not O(M^2 d)); ``fused_exact_scores`` takes cached fused keys sum_j w_j k_j (O(d)). The PQ path
 (``multimodal_pq_scores``) folds the weights into one look-up table per (modality, sub-space): M C
 lookups per position, equal to the exact score on decoded keys. ``multimodal_sdc_scores`` is the
 paper's form with quantised queries too (precomputed [M, M, C, K, K] tables; O(M^2 C) lookups per
 position when the table is formed, then the same M C lookups per position).
 
-SEMINAR's (query, item) pair keys (``pair_pq_scores``): items and query keywords are quantised
+Re-scored PQ top-K (``rescored_topk``): the PQ scores pick R candidates per query, exact scores of
+those R only (``fused_candidate_scores``: a row gather of R fused keys) pick the top-K; R = L gives the
+exact top-K. On the benchmark's clustered keys (L = 2,048, top-32, C = 8) R = 128 recovers 0.93-0.94
+of the exact top-32 against 0.65 for the PQ top-32 itself; on XLA CPU no PQ path is faster than a
+matmul over cached fused keys (a (position, head) needs C to M C gather elements of 5-8 ns each,
+more than its memory-bound dot product; experiments/results/bench/README.md, SEMINAR attention).
+
+SEMINAR's (query, item) pair keys (``pair_pq_scores``; ``pair_sdc_scores`` with quantised queries): items and query keywords are quantised
 separately at catalogue level and a position's codes gathered by id; a pair key is linear in its
 item and keyword vectors, so its score is still table look-ups (M C per position for the item, C per
 live keyword), and encoding costs N M + V vectors per refresh instead of B L M.
@@ -360,15 +368,36 @@ def pair_pq_scores(q: jax.Array, item_codes: jax.Array, keyword_codes: jax.Array
   [M, C, K, d // C] (item modalities), query_codebooks [C, K, d // C] (keywords).
   Equals ``multimodal_exact_scores`` on the pair keys built from the decoded items and keywords.
   """
-  b, length, nq, c = keyword_codes.shape
   item = multimodal_pq_scores(q, item_codes, codebooks, w, chunk)              # [B, H, L]
   qw = jnp.einsum("bhmd,m->bhd", q, w)
-  kw = lut_scores(query_lut(query_codebooks, qw), keyword_codes.reshape(b, 1, length * nq, c), chunk)
-  kmask = keyword_mask.astype(q.dtype)
+  return _pair_mix(item, query_lut(query_codebooks, qw), keyword_codes, keyword_mask, alpha, chunk)
+
+
+def _pair_mix(item: jax.Array, kw_lut: jax.Array, keyword_codes: jax.Array, keyword_mask: jax.Array,
+              alpha: float, chunk: Optional[int]) -> jax.Array:
+  """(1 - alpha h) item + alpha h mean_t kw_lut . keyword t (see ``pair_pq_scores``)."""
+  b, length, nq, c = keyword_codes.shape
+  kw = lut_scores(kw_lut, keyword_codes.reshape(b, 1, length * nq, c), chunk)
+  kmask = keyword_mask.astype(item.dtype)
   n = kmask.sum(-1)                                                            # [B, L]
   query = jnp.sum(kw.reshape(kw.shape[:2] + (length, nq)) * kmask[:, None], -1) / jnp.maximum(n, 1.0)[:, None]
-  a = alpha * (n > 0).astype(q.dtype)[:, None]                                 # [B, 1, L]
+  a = alpha * (n > 0).astype(item.dtype)[:, None]                              # [B, 1, L]
   return (1.0 - a) * item + a * query
+
+
+def pair_sdc_scores(q_codes: jax.Array, item_codes: jax.Array, keyword_codes: jax.Array,
+                    keyword_mask: jax.Array, codebooks: jax.Array, query_codebooks: jax.Array,
+                    w: jax.Array, alpha: float, chunk: Optional[int] = None) -> jax.Array:
+  """``pair_pq_scores`` with quantised queries (the paper's symmetric form): q_codes [B, H, M, C]
+  (the queries encoded with the item codebooks), scores from centroid-centroid tables only:
+  [M, M, C, K, K] item-item (``multimodal_centroid_tables``) and [M, C, K, K_kw] item-keyword.
+  Equals ``pair_pq_scores`` of the decoded queries."""
+  m, c = codebooks.shape[:2]
+  item = multimodal_sdc_scores(multimodal_centroid_tables(codebooks), q_codes, item_codes, w, chunk)
+  kw_tables = jnp.einsum("icas,cbs->icab", codebooks, query_codebooks)           # [M, C, K, K_kw]
+  qc = q_codes.astype(jnp.int32)
+  rows = kw_tables[jnp.arange(m)[:, None], jnp.arange(c)[None, :], qc]          # [B, H, M, C, K_kw]
+  return _pair_mix(item, jnp.einsum("bhick,i->bhck", rows, w), keyword_codes, keyword_mask, alpha, chunk)
 
 
 def multimodal_centroid_tables(codebooks: jax.Array) -> jax.Array:
