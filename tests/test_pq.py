@@ -299,3 +299,89 @@ def test_recall_at_k():
   assert pq.recall_at_k(np.array([[1, 2, 3, 4]]), np.array([[4, 3, 9, 8]])) == 0.5
   assert pq.recall_at_k(np.array([[1, 2, 3, 4]]), np.array([[4, 3, 9, 8]]),
                         np.array([[True, True, False, False]])) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Symmetric (centroid-centroid) scores and the re-scored PQ top-K.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_multimodal_sdc_scores_equal_hand_computed_centroid_products():
+  """Tiny example: every score is sum_{i,j,c} w_i w_j <centroid(i, c, qcode), centroid(j, c, kcode)>,
+  the dot products written out by hand from the codebooks."""
+  rng = np.random.default_rng(0)
+  m, c, k, s, b, h, length = 2, 2, 3, 2, 1, 2, 4
+  cbs = rng.standard_normal((m, c, k, s)).astype(np.float32)
+  w = np.array([0.7, 0.3], np.float32)
+  q_codes = rng.integers(0, k, (b, h, m, c))
+  k_codes = rng.integers(0, k, (b, length, m, c))
+  tables = np.asarray(pq.multimodal_centroid_tables(cbs))
+  assert tables.shape == (m, m, c, k, k)
+  assert np.isclose(tables[1, 0, 1, 2, 0], cbs[1, 1, 2] @ cbs[0, 1, 0])
+  got = np.asarray(pq.multimodal_sdc_scores(tables, q_codes, k_codes, w, chunk=3))
+  for hh, l in itertools.product(range(h), range(length)):
+    want = sum(w[i] * w[j] * float(cbs[i, cc, q_codes[0, hh, i, cc]] @ cbs[j, cc, k_codes[0, l, j, cc]])
+               for i in range(m) for j in range(m) for cc in range(c))
+    assert np.isclose(got[0, hh, l], want, rtol=1e-5, atol=1e-6)
+
+
+def test_pair_sdc_scores_equal_pair_pq_scores_of_decoded_queries(multimodal):
+  q, _, w, cbs, codes = multimodal
+  rng = np.random.default_rng(12)
+  nq, alpha = 2, 0.3
+  kw_vecs, _, _ = _clustered(21, 200, D, 8)
+  kw_cb = pq.train_pq(jax.random.key(5), kw_vecs, C, num_centroids=K, iters=3)
+  kw_codes = np.asarray(pq.encode(kw_cb, kw_vecs[rng.integers(0, 200, (B, L, nq))]))
+  kmask = rng.random((B, L, nq)) < 0.5
+  q_codes = pq.multimodal_encode(cbs, q)
+  got = pq.pair_sdc_scores(q_codes, codes, kw_codes, kmask, cbs, kw_cb, w, alpha, chunk=64)
+  ref = pq.pair_pq_scores(pq.multimodal_decode(cbs, q_codes), codes, kw_codes, kmask, cbs, kw_cb, w, alpha)
+  _close(got, ref)
+
+
+def _rescored_reference(approx, exact, mask, k, r):
+  """NumPy: per row, the r best live positions by approx (ties: lower index), then their k best by
+  exact; slots past the live count are invalid."""
+  bsz, heads, length = approx.shape
+  idx = np.zeros((bsz, heads, k), np.int64)
+  valid = np.zeros((bsz, heads, k), bool)
+  for b, h in itertools.product(range(bsz), range(heads)):
+    live = np.flatnonzero(mask[b])
+    cand = live[np.argsort(-approx[b, h, live], kind="stable")][:r]
+    top = cand[np.argsort(-exact[b, h, cand], kind="stable")][:k]
+    idx[b, h, :len(top)] = top
+    valid[b, h, :len(top)] = True
+  return idx, valid
+
+
+def test_rescored_topk_equals_numpy_reference_and_is_exact_with_every_candidate(multimodal):
+  q, keys, w, cbs, codes = multimodal
+  mask = np.arange(L)[None] < np.array([[L], [40]])
+  approx = np.asarray(pq.multimodal_pq_scores(q, codes, cbs, w))
+  kw = np.einsum("blmd,m->bld", keys, w)
+  qw = np.einsum("bhmd,m->bhd", q, w)
+  exact = np.einsum("bhd,bld->bhl", qw, kw)
+  _close(pq.fused_exact_scores(q, kw, w), exact)
+  _close(pq.multimodal_exact_scores(q, keys, w), exact)
+  fn = jax.jit(lambda a, m_, r: pq.rescored_topk(a, m_, 8, r, lambda c: pq.fused_candidate_scores(qw, kw, c)),
+               static_argnums=2)
+  for r in (8, 20, 64):
+    idx, valid = fn(approx, mask, r)
+    want_idx, want_valid = _rescored_reference(approx, exact, mask, 8, r)
+    np.testing.assert_array_equal(np.asarray(valid), want_valid)
+    np.testing.assert_array_equal(np.where(want_valid, np.asarray(idx), -1), np.where(want_valid, want_idx, -1))
+  # The candidate scores are the exact fused dot products of the gathered positions.
+  cand = np.array([[[0, 5, 149]] * H, [[3, 3, 7]] * H], np.int32)
+  _close(pq.fused_candidate_scores(qw, kw, cand), np.take_along_axis(exact, cand, -1))
+  # Every key a candidate (R = L, or more): the exact top-K, recall 1.0, whatever approx says.
+  e_idx, e_valid = pq.exact_topk(q, keys, w, mask, 32)
+  noise = np.random.default_rng(1).standard_normal(approx.shape).astype(np.float32)
+  for r in (L, 10 * L):
+    idx, valid = pq.rescored_topk(noise, mask, 32, r, lambda c: pq.fused_candidate_scores(qw, kw, c))
+    np.testing.assert_array_equal(np.asarray(valid), np.asarray(e_valid))
+    assert pq.recall_at_k(np.asarray(idx), np.asarray(e_idx), np.asarray(e_valid)) == 1.0
+  # And re-scoring a few PQ candidates recovers more of the exact top-K than the PQ top-K itself.
+  p_idx, _ = pq.pq_topk(q, codes, cbs, w, mask, 32)
+  r_idx, _ = pq.rescored_topk(approx, mask, 32, 64, lambda c: pq.fused_candidate_scores(qw, kw, c))
+  assert (pq.recall_at_k(np.asarray(r_idx)[0], np.asarray(e_idx)[0])
+          > pq.recall_at_k(np.asarray(p_idx)[0], np.asarray(e_idx)[0]))

@@ -20,6 +20,7 @@ from mvhan_jax.configs import load_config
 from mvhan_jax.models import pq
 from mvhan_jax.seminar import data as sdata
 from mvhan_jax.seminar import losses
+from mvhan_jax.seminar import model as smodel
 from mvhan_jax.tasks import seminar as strain
 from mvhan_jax import train as train_loop
 
@@ -239,6 +240,25 @@ def test_topk_shapes_and_padding_never_attended(smoke):
   w = state.params["params"]["embedder"]["gate_logits"]
   exact = pq.multimodal_exact_scores(q, keys, jax.nn.softmax(w))
   assert np.corrcoef(np.asarray(exact).ravel(), np.asarray(scores["decoded"]).ravel())[0, 1] > 0.95
+  # 'sdc' (queries quantised too, centroid-centroid tables) = 'decoded' scores of the decoded queries.
+  sdc_model = exp.model.clone(pq_scoring="sdc")
+  sdc = sdc_model.apply(state.params, q, batch, cb, exp.tables, method=type(sdc_model).pq_scores)
+  q_dec = pq.multimodal_decode(cb[:m], pq.multimodal_encode(cb[:m], q))
+  ref = exp.model.apply(state.params, q_dec, batch, cb, exp.tables, method=type(exp.model).pq_scores)
+  np.testing.assert_allclose(np.asarray(sdc), np.asarray(ref), rtol=0, atol=1e-5 * scale)
+  _, (i3, v3) = sdc_model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
+  assert np.array_equal(np.asarray(v3), valid)
+  # 'rescored' (the module default): PQ candidates, exact scores on them. With every position a
+  # candidate it is the exact selection; with fewer, the same valid slots and live positions only.
+  assert smodel.SeminarModel.pq_scoring == "rescored"
+  for r, must_equal in ((cfg.maxlen, True), (k, False)):
+    res_model = exp.model.clone(pq_scoring="rescored", pq_candidates=r)
+    _, (i4, v4) = res_model.apply(state.params, batch, cand, exp.tables, cb, "pq", True)
+    assert np.array_equal(np.asarray(v4), valid)
+    i4 = np.asarray(i4)
+    assert (i4[v4] < np.broadcast_to(batch["history_len"][:, None, None], i4.shape)[v4]).all()
+    if must_equal:
+      assert pq.recall_at_k(i4, idx, valid) == 1.0
 
 
 def test_full_corpus_ranks_equal_brute_force():
@@ -324,7 +344,8 @@ def test_results_section_survives_a_rewrite(tmp_path):
 @pytest.mark.parametrize("field,value", [("model.attention", "approx"), ("model.top_k", 10_000),
                                           ("eval.extra_attentions", ("approx",)), ("train.negatives", "zipf"),
                                           ("model.pq_subspaces", 5), ("pretrain.tau", 0.0),
-                                          ("train.num_negatives", 0)])
+                                          ("train.num_negatives", 0), ("model.pq_scoring", "adc"),
+                                          ("model.pq_candidates", 0)])
 def test_bad_config_raises_naming_the_field(field, value):
   cfg = load_config("experiments/configs/seminar_synthetic.py:smoke")
   section, name = field.split(".")

@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       dim=32, alpha=0.5, heads=4, top_k=32, head_dim=16, mlp=(128, 64),
       attention="exact", eval_attention="",
-      pq_scoring="decoded", pq_subspaces=8, pq_centroids=256, pq_train_vectors=8192, pq_iters=10))
+      pq_scoring="decoded", pq_candidates=128, pq_subspaces=8, pq_centroids=256, pq_train_vectors=8192,
+      pq_iters=10))
   c.pretrain = ml_collections.ConfigDict(dict(
       enabled=True, checkpoint="", freeze=False, window=64, windows_per_user=16, batch_size=16,
       num_epochs=1, total_steps=0, lr=1e-3, tau=0.05, w_next=1.0, w_align=0.1, w_rel=1.0,

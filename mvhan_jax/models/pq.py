@@ -21,13 +21,21 @@ Shapes (all float32, codes int32; every shape is static under ``jax.jit``):
 
 Multi-modal score. With per-modality weights w [M], queries q [B, H, M, d] and keys k [B, L, M, d],
   score[b, h, l] = sum_i sum_j w_i w_j <q[b, h, i], k[b, l, j]> = <sum_i w_i q_i, sum_j w_j k_j>.
-The exact path uses the factorised right-hand side (O(M d) per position, not O(M^2 d)). The PQ path
+The exact path is one matmul with an M d contraction (the query side carries both weight sums; O(M d)
+per position, not O(M^2 d)); ``fused_exact_scores`` takes cached fused keys sum_j w_j k_j (O(d)). The PQ path
 (``multimodal_pq_scores``) folds the weights into one look-up table per (modality, sub-space): M C
 lookups per position, equal to the exact score on decoded keys. ``multimodal_sdc_scores`` is the
 paper's form with quantised queries too (precomputed [M, M, C, K, K] tables; O(M^2 C) lookups per
 position when the table is formed, then the same M C lookups per position).
 
-SEMINAR's (query, item) pair keys (``pair_pq_scores``): items and query keywords are quantised
+Re-scored PQ top-K (``rescored_topk``): the PQ scores pick R candidates per query, exact scores of
+those R only (``fused_candidate_scores``: a row gather of R fused keys) pick the top-K; R = L gives the
+exact top-K. On the benchmark's clustered keys (L = 2,048, top-32, C = 8) R = 128 recovers 0.93-0.94
+of the exact top-32 against 0.65 for the PQ top-32 itself; on XLA CPU no PQ path is faster than a
+matmul over cached fused keys (a (position, head) needs C to M C gather elements of 5-8 ns each,
+more than its memory-bound dot product; experiments/results/bench/README.md, SEMINAR attention).
+
+SEMINAR's (query, item) pair keys (``pair_pq_scores``; ``pair_sdc_scores`` with quantised queries): items and query keywords are quantised
 separately at catalogue level and a position's codes gathered by id; a pair key is linear in its
 item and keyword vectors, so its score is still table look-ups (M C per position for the item, C per
 live keyword), and encoding costs N M + V vectors per refresh instead of B L M.
@@ -302,9 +310,18 @@ def _check_modalities(name: str, m: int, w: jax.Array) -> None:
 def multimodal_exact_scores(q: jax.Array, keys: jax.Array, w: jax.Array) -> jax.Array:
   """Exact multi-modal scores [B, H, L] of q [B, H, M, d] and keys [B, L, M, d], weights w [M]."""
   _check_modalities("multimodal_exact_scores", q.shape[-2], w)
-  qw = jnp.einsum("bhmd,m->bhd", q, w)
-  kw = jnp.einsum("blmd,m->bld", keys, w)
-  return jnp.einsum("bhd,bld->bhl", qw, kw)
+  # One matmul with an M d contraction: the query side carries both weight sums,
+  # (sum_i w_i q_i) w_j against k_j, so the keys are read once and never fused into a [B, L, d]
+  # copy (XLA CPU ran the former einsum("blmd,m->bld") + matmul 2-5x slower).
+  b, h, m, d = q.shape
+  qe = jnp.einsum("bhmd,m,j->bhjd", q, w, w).reshape(b, h, m * d)
+  return jnp.einsum("bhx,blx->bhl", qe, keys.reshape(keys.shape[:2] + (m * d,)))
+
+
+def fused_exact_scores(q: jax.Array, fused_keys: jax.Array, w: jax.Array) -> jax.Array:
+  """Exact multi-modal scores [B, H, L] against cached fused keys sum_j w_j k_j [B, L, d]."""
+  _check_modalities("fused_exact_scores", q.shape[-2], w)
+  return jnp.einsum("bhd,bld->bhl", jnp.einsum("bhmd,m->bhd", q, w), fused_keys)
 
 
 def multimodal_query_lut(q: jax.Array, codebooks: jax.Array, w: jax.Array) -> jax.Array:
@@ -351,15 +368,36 @@ def pair_pq_scores(q: jax.Array, item_codes: jax.Array, keyword_codes: jax.Array
   [M, C, K, d // C] (item modalities), query_codebooks [C, K, d // C] (keywords).
   Equals ``multimodal_exact_scores`` on the pair keys built from the decoded items and keywords.
   """
-  b, length, nq, c = keyword_codes.shape
   item = multimodal_pq_scores(q, item_codes, codebooks, w, chunk)              # [B, H, L]
   qw = jnp.einsum("bhmd,m->bhd", q, w)
-  kw = lut_scores(query_lut(query_codebooks, qw), keyword_codes.reshape(b, 1, length * nq, c), chunk)
-  kmask = keyword_mask.astype(q.dtype)
+  return _pair_mix(item, query_lut(query_codebooks, qw), keyword_codes, keyword_mask, alpha, chunk)
+
+
+def _pair_mix(item: jax.Array, kw_lut: jax.Array, keyword_codes: jax.Array, keyword_mask: jax.Array,
+              alpha: float, chunk: Optional[int]) -> jax.Array:
+  """(1 - alpha h) item + alpha h mean_t kw_lut . keyword t (see ``pair_pq_scores``)."""
+  b, length, nq, c = keyword_codes.shape
+  kw = lut_scores(kw_lut, keyword_codes.reshape(b, 1, length * nq, c), chunk)
+  kmask = keyword_mask.astype(item.dtype)
   n = kmask.sum(-1)                                                            # [B, L]
   query = jnp.sum(kw.reshape(kw.shape[:2] + (length, nq)) * kmask[:, None], -1) / jnp.maximum(n, 1.0)[:, None]
-  a = alpha * (n > 0).astype(q.dtype)[:, None]                                 # [B, 1, L]
+  a = alpha * (n > 0).astype(item.dtype)[:, None]                              # [B, 1, L]
   return (1.0 - a) * item + a * query
+
+
+def pair_sdc_scores(q_codes: jax.Array, item_codes: jax.Array, keyword_codes: jax.Array,
+                    keyword_mask: jax.Array, codebooks: jax.Array, query_codebooks: jax.Array,
+                    w: jax.Array, alpha: float, chunk: Optional[int] = None) -> jax.Array:
+  """``pair_pq_scores`` with quantised queries (the paper's symmetric form): q_codes [B, H, M, C]
+  (the queries encoded with the item codebooks), scores from centroid-centroid tables only:
+  [M, M, C, K, K] item-item (``multimodal_centroid_tables``) and [M, C, K, K_kw] item-keyword.
+  Equals ``pair_pq_scores`` of the decoded queries."""
+  m, c = codebooks.shape[:2]
+  item = multimodal_sdc_scores(multimodal_centroid_tables(codebooks), q_codes, item_codes, w, chunk)
+  kw_tables = jnp.einsum("icas,cbs->icab", codebooks, query_codebooks)           # [M, C, K, K_kw]
+  qc = q_codes.astype(jnp.int32)
+  rows = kw_tables[jnp.arange(m)[:, None], jnp.arange(c)[None, :], qc]          # [B, H, M, C, K_kw]
+  return _pair_mix(item, jnp.einsum("bhick,i->bhck", rows, w), keyword_codes, keyword_mask, alpha, chunk)
 
 
 def multimodal_centroid_tables(codebooks: jax.Array) -> jax.Array:
@@ -374,15 +412,24 @@ def multimodal_sdc_scores(tables: jax.Array, q_codes: jax.Array, k_codes: jax.Ar
   tables [M, M, C, K, K] (``multimodal_centroid_tables``), q_codes [B, H, M, C], k_codes
   [B, L, M, C]. Equals ``multimodal_exact_scores`` of the decoded queries and decoded keys.
   """
+  m, _, c, _, _ = tables.shape
+  lut = multimodal_sdc_lut(tables, q_codes, w)
+  b, length = k_codes.shape[:2]
+  return lut_scores(lut, k_codes.reshape(b, 1, length, m * c), chunk)
+
+
+def multimodal_sdc_lut(tables: jax.Array, q_codes: jax.Array, w: jax.Array) -> jax.Array:
+  """The SDC look-up table [B, H, M * C, K] of quantised queries q_codes [B, H, M, C]:
+  lut[(j, c), k] = sum_i w_i w_j tables[i, j, c, q_codes[i, c], k]. Rows of the precomputed
+  centroid-centroid tables, summed: no multiply by the query (the ADC table costs M K d MACs per
+  query; this one M^2 C K additions of table rows)."""
   m, _, c, _, k = tables.shape
-  _check_modalities("multimodal_sdc_scores", m, w)
+  _check_modalities("multimodal_sdc_lut", m, w)
   # rows[b, h, i, j, c, :] = tables[i, j, c, q_codes[b, h, i, c], :]
   qc = q_codes.astype(jnp.int32)
   rows = tables[jnp.arange(m)[:, None, None], jnp.arange(m)[None, :, None],
                 jnp.arange(c)[None, None, :], qc[..., :, None, :]]  # [B, H, M_i, M_j, C, K]
-  lut = jnp.einsum("bhijck,i,j->bhjck", rows, w, w).reshape(qc.shape[:-2] + (m * c, k))
-  b, length = k_codes.shape[:2]
-  return lut_scores(lut, k_codes.reshape(b, 1, length, m * c), chunk)
+  return jnp.einsum("bhijck,i,j->bhjck", rows, w, w).reshape(qc.shape[:-2] + (m * c, k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +470,33 @@ def pq_topk(q: jax.Array, codes: jax.Array, codebooks: jax.Array, w: jax.Array, 
   """(idx [B, H, k], valid [B, H, k]) of the PQ multi-modal scores; codes [B, L, M, C], codebooks
   [M, C, K, d // C]. Same interface as ``exact_topk``."""
   return topk_positions(multimodal_pq_scores(q, codes, codebooks, w, chunk), mask, k)
+
+
+def rescored_topk(approx: jax.Array, mask: jax.Array, k: int, num_candidates: int,
+                  exact_fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Re-scored approximate top-k: the top ``num_candidates`` positions by the approximate scores
+  approx [B, H, L] (PQ look-ups), exact scores on those candidates only, then their top k.
+
+  exact_fn(cand int32 [B, H, R]) -> exact scores [B, H, R] of the candidate positions (e.g.
+  ``fused_candidate_scores``). Returns (idx [B, H, k], valid [B, H, k]) like ``topk_positions``:
+  R = max(k, min(num_candidates, L)); with R = L the result is the exact top-k (recall 1).
+  """
+  length = approx.shape[-1]
+  r = max(k, min(int(num_candidates), length))
+  cand, cvalid = topk_positions(approx, mask, r)
+  exact = jnp.where(cvalid, exact_fn(cand), NEG_INF)
+  _, j = jax.lax.top_k(exact, k)
+  return (jnp.take_along_axis(cand, j, axis=-1),
+          jnp.take_along_axis(cvalid, j, axis=-1))
+
+
+def fused_candidate_scores(qw: jax.Array, fused_keys: jax.Array, cand: jax.Array) -> jax.Array:
+  """Exact scores [B, H, R] of fused queries qw [B, H, d] against the fused keys [B, L, d] of the
+  candidate positions cand [B, H, R] (one row gather of B H R keys, then a batched dot)."""
+  b, length, d = fused_keys.shape
+  rows = cand + (jnp.arange(b, dtype=cand.dtype) * length)[:, None, None]
+  picked = jnp.take(fused_keys.reshape(b * length, d), rows, axis=0, mode="clip")  # [B, H, R, d]
+  return jnp.einsum("bhd,bhrd->bhr", qw, picked)
 
 
 def gather_topk(values: jax.Array, idx: jax.Array) -> jax.Array:

@@ -17,7 +17,8 @@ Embedder (paper Sec. "multi-modal (query, item) pair"):
 Downstream (TWIN-style, GSU and ESU share the per-head query projection W_h):
   GSU: score_h(l) = sum_i sum_j w_i w_j <W_h e_i(target), key_j(l)> over the whole history, top-K
        positions per head (`mvhan_jax.models.pq`: exact, or from the PQ codes of the history's
-       items and keywords, see `SeminarModel`). The selection is not differentiable
+       items and keywords, see `SeminarModel`; by default the PQ scores pick ``pq_candidates``
+       positions and their exact scores the top-K). The selection is not differentiable
        (stop-gradient on its scores).
   ESU: target attention over the K positions with the exact score / sqrt(d), values V_h pair(l).
   out: MLP(128, 64, 1) of [item(target), ESU heads] -> a logit per candidate.
@@ -37,6 +38,12 @@ from mvhan_jax.features import DataSpec
 from mvhan_jax.models import pq
 
 ATTENTION = ("exact", "pq")
+# How attention='pq' scores the history (``SeminarModel.pq_scoring``): 'rescored' = the 'decoded'
+# PQ scores select ``pq_candidates`` positions per query, whose exact scores pick the top-K;
+# 'decoded' / 'lut' = PQ scores of the quantised keys (dot products with decoded keys / table
+# look-ups, equal up to rounding); 'sdc' = the paper's symmetric form, queries quantised too
+# (centroid-centroid tables).
+PQ_SCORING = ("rescored", "decoded", "lut", "sdc")
 
 
 class Embedder(nn.Module):
@@ -149,9 +156,13 @@ class SeminarModel(nn.Module):
   top_k: int = 32
   head_dim: int = 16
   mlp: Sequence[int] = (128, 64)
-  pq_scoring: str = "decoded"  # 'lut': pq.pq_topk's table look-ups; 'decoded': the same scores as
-  # exact dot products with the decoded keys (equal up to rounding; much faster on CPU, where the
-  # [B, C * H, L, M * C_pq] gathers of the look-ups dominate the step)
+  pq_scoring: str = "rescored"  # one of PQ_SCORING. 'lut': pq.pq_topk's table look-ups; 'decoded':
+  # the same scores as exact dot products with the decoded keys (equal up to rounding; much faster
+  # on CPU, where the [B, C * H, L, M * C_pq] gathers of the look-ups dominate the step);
+  # 'rescored': 'decoded' selects pq_candidates positions, exact scores on those pick the top-K
+  # (recall@32 of the exact top-K 0.93 instead of 0.65 in experiments/bench_seminar_attention.py);
+  # 'sdc': queries quantised too, centroid-centroid tables (pq.pair_sdc_scores)
+  pq_candidates: int = 128  # R, the PQ candidates re-scored exactly per query ('rescored')
 
   def setup(self):
     d = self.embedder.dim
@@ -191,11 +202,15 @@ class SeminarModel(nn.Module):
     if self.pq_scoring == "lut":
       return pq.pair_pq_scores(q, jnp.take(item_codes, items, axis=0), jnp.take(kw_codes, queries, axis=0),
                                queries > 0, codebooks[:m], codebooks[m], w, self.embedder.alpha)
-    if self.pq_scoring == "decoded":
+    if self.pq_scoring == "sdc":
+      return pq.pair_sdc_scores(pq.multimodal_encode(codebooks[:m], q), jnp.take(item_codes, items, axis=0),
+                                jnp.take(kw_codes, queries, axis=0), queries > 0, codebooks[:m], codebooks[m],
+                                w, self.embedder.alpha)
+    if self.pq_scoring in ("decoded", "rescored"):  # 'rescored': these select the candidates
       modal = jnp.take(pq.multimodal_decode(codebooks[:m], item_codes), items, axis=0)
       qbar, has_q = self.embedder.query(queries, pq.decode(codebooks[m], kw_codes))
       return pq.multimodal_exact_scores(q, self.embedder.pair_keys(modal, qbar, has_q), w)
-    raise ValueError(f"config.model.pq_scoring={self.pq_scoring!r} is unknown: use 'lut' or 'decoded'")
+    raise ValueError(f"config.model.pq_scoring={self.pq_scoring!r} is unknown: use one of {PQ_SCORING}")
 
   def select(self, q, keys, mask, attention: str, batch=None, codebooks=None, tables=None):
     """GSU: (idx [B, N, K], valid [B, N, K]) for queries q [B, N, M, d] (N = C * H); the exact
@@ -209,7 +224,12 @@ class SeminarModel(nn.Module):
     if attention == "pq":
       if codebooks is None:
         raise ValueError("attention='pq' needs codebooks: train them with train.train_codebooks")
-      return pq.topk_positions(jax.lax.stop_gradient(self.pq_scores(q, batch, codebooks, tables)), mask, k)
+      approx = jax.lax.stop_gradient(self.pq_scores(q, batch, codebooks, tables))
+      if self.pq_scoring == "rescored":  # exact scores of the PQ candidates only
+        qw, fused = self.embedder.fuse(q), self.embedder.fuse(keys)
+        return pq.rescored_topk(approx, mask, k, self.pq_candidates,
+                                lambda cand: pq.fused_candidate_scores(qw, fused, cand))
+      return pq.topk_positions(approx, mask, k)
     raise ValueError(f"config.model.attention={attention!r} is unknown: use one of {ATTENTION}")
 
   def __call__(self, batch, candidates, tables, codebooks=None, attention: str = "exact",
@@ -242,4 +262,5 @@ class SeminarModel(nn.Module):
 def model_from_config(cfg, spec: DataSpec) -> SeminarModel:
   m = cfg.model
   return SeminarModel(embedder=embedder_from_config(cfg, spec), heads=m.heads, top_k=m.top_k,
-                      head_dim=m.head_dim, mlp=tuple(m.mlp), pq_scoring=m.get("pq_scoring", "decoded"))
+                      head_dim=m.head_dim, mlp=tuple(m.mlp), pq_scoring=m.get("pq_scoring", "decoded"),
+                      pq_candidates=m.get("pq_candidates", 128))

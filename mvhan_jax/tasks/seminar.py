@@ -80,8 +80,12 @@ def check_config(config) -> None:
   for f in ("dim", "heads", "top_k", "head_dim"):
     need(int(m[f]) >= 1, f"model.{f}", f"must be >= 1, got {m[f]}")
   need(config.maxlen >= 1, "maxlen", f"must be >= 1, got {config.maxlen}")
-  need(m.get("pq_scoring", "decoded") in ("lut", "decoded"), "model.pq_scoring",
-       f"{m.get('pq_scoring')!r}: use 'decoded' (exact dot products with decoded keys) or 'lut'")
+  need(m.get("pq_scoring", "decoded") in smodel.PQ_SCORING, "model.pq_scoring",
+       f"{m.get('pq_scoring')!r}: use one of {smodel.PQ_SCORING} ('rescored': PQ candidates, exact "
+       "scores on them; 'decoded' / 'lut': PQ scores; 'sdc': queries quantised too)")
+  need(int(m.get("pq_candidates", 128)) >= 1, "model.pq_candidates",
+       f"must be >= 1 (PQ candidates re-scored per query; fewer than top_k count as top_k), "
+       f"got {m.get('pq_candidates')}")
   need(m.top_k <= config.maxlen, "model.top_k", f"top-K {m.top_k} exceeds maxlen={config.maxlen}: lower it")
   need(0.0 <= m.alpha <= 1.0, "model.alpha", f"must lie in [0, 1], got {m.alpha}")
   need(m.dim % m.pq_subspaces == 0, "model.pq_subspaces",
