@@ -47,8 +47,12 @@ def train_source(config, data: InteractionData, split):
   """The random-access source of training examples for ``split``.
 
   MovieLens-100k leave-one-out reads the TFDS ArrayRecord files (built once under the data dir);
-  other datasets and protocols build the same examples in memory.
+  other datasets and protocols build the same examples in memory. ``config.train_examples='windows'``
+  (SASRec's all-positions training): `protocol.training_windows`, in memory.
   """
+  if config.get("train_examples", "prefixes") == "windows":
+    # SASRec's all-positions training: each item predicted once per epoch (protocol.training_windows).
+    return ArraySource(protocol.training_windows(split.train_sequences, config.maxlen))
   if config.dataset.name == "movielens_100k" and config.protocol == "leave_one_out":
     from mvhan_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     return pipeline.movielens_train_source(config.dataset.get("data_dir"), config.maxlen)

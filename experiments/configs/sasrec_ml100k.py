@@ -1,0 +1,54 @@
+r"""SASRec (Kang & McAuley, ICDM 2018) on MovieLens-100k, leave-one-out full ranking: the reference
+sequential baseline (mvhan_jax/models/sasrec.py), trained by the retrieval task like the two-tower
+(sampled softmax over popularity^0.75 negatives with logQ, cosine scores / temperature).
+
+Launch:
+  mvhan-train --config=experiments/configs/sasrec_ml100k.py --workdir=runs/sasrec
+  mvhan-train --config=experiments/configs/sasrec_ml100k.py:blocks=1,dropout=0.5 --workdir=runs/sasrec_b1
+  mvhan-train --config=experiments/configs/sasrec_ml100k.py:smoke --workdir=/tmp/sasrec_smoke
+
+Arguments after ':' (comma-separated):
+  blocks=<int>          transformer blocks
+  heads=<int>           attention heads
+  dim=<int>             model width D
+  dropout=<float>       dropout rate
+  maxlen=<int>          history window L (also the positional table)
+  norm=pre|post         layer norm before (the authors' code) or after each sub-layer
+  positions=absolute|recency   positional index (models/sasrec.py)
+  loss=last|all         train the output at the last position only, or at every position of the
+                        history (SASRec's objective; config.loss.positions, tasks/retrieval.py)
+  temperature=<float>   softmax temperature of the cosine scores
+  smoke                 a small model for 120 steps (tests)
+Expected result (seed 0, 2-core CPU): see experiments/results/sasrec_tuning.md for the grid that
+chose these defaults, its commands and every run's valid / test HR@10, NDCG@10, HR@50.
+"""
+
+import ml_collections
+
+from mvhan_jax import configs
+
+ARGS = ("blocks=", "heads=", "dim=", "dropout=", "maxlen=", "norm=", "positions=", "loss=", "temperature=",
+        "smoke")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configs.parse_args(arg, ARGS, __file__)
+  smoke = "smoke" in args
+  c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if smoke else None)
+  c.maxlen = int(args.get("maxlen", 50))
+  m = ml_collections.ConfigDict()
+  m.name = "sasrec"
+  m.dim = int(args.get("dim", 32 if smoke else 64))
+  m.num_blocks = int(args.get("blocks", 1 if smoke else 2))
+  m.num_heads = int(args.get("heads", 1))
+  m.maxlen = c.get_ref("maxlen")
+  m.dropout = float(args.get("dropout", 0.2))
+  m.norm = args.get("norm", "pre")
+  m.positions = args.get("positions", "absolute")
+  m.normalize = True
+  m.item_fields = False
+  m.scale_embeddings = True
+  c.model = m
+  c.loss.positions = args.get("loss", "last")   # 'last' | 'all'
+  c.loss.temperature = float(args.get("temperature", c.loss.temperature))
+  return c
