@@ -17,6 +17,8 @@ Arguments after ':' (comma-separated):
   positions=absolute|recency   positional index (models/sasrec.py)
   loss=last|all         train the output at the last position only, or at every position of the
                         history (SASRec's objective; config.loss.positions, tasks/retrieval.py)
+  examples=prefixes|windows   training examples: every prefix (the library's default) or SASRec's
+                        non-overlapping windows (protocol.training_windows; default with loss=all)
   temperature=<float>   softmax temperature of the cosine scores
   smoke                 a small model for 120 steps (tests)
 Expected result (seed 0, 2-core CPU): see experiments/results/sasrec_tuning.md for the grid that
@@ -27,8 +29,8 @@ import ml_collections
 
 from mvhan_jax import configs
 
-ARGS = ("blocks=", "heads=", "dim=", "dropout=", "maxlen=", "norm=", "positions=", "loss=", "temperature=",
-        "smoke")
+ARGS = ("blocks=", "heads=", "dim=", "dropout=", "maxlen=", "norm=", "positions=", "loss=", "examples=",
+        "temperature=", "smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,5 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.scale_embeddings = True
   c.model = m
   c.loss.positions = args.get("loss", "last")   # 'last' | 'all'
+  c.train_examples = args.get("examples", "windows" if c.loss.positions == "all" else "prefixes")
   c.loss.temperature = float(args.get("temperature", c.loss.temperature))
   return c
