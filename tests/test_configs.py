@@ -39,7 +39,7 @@ EXAMPLES = {
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
     "mvhan_ml100k": _MVHAN,
     "mvhan_synthetic": _MVHAN,
-    "sasrec_ml100k": {"blocks": "1", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
+    "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",
                       "smoke": None},
     "seminar_ml100k": _SEMINAR,
