@@ -41,6 +41,9 @@ EXAMPLES = {
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
     "mvhan_ml100k": {**_MVHAN, **_ML1M},
     "mvhan_synthetic": _MVHAN,
+    "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
+                      "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",
+                      "smoke": None},
     "seminar_ml100k": _SEMINAR,
     "seminar_synthetic": {**_SEMINAR, "smoke": None},
 }

@@ -148,6 +148,25 @@ def leave_one_out(data: InteractionData) -> LeaveOneOutSplit:
   return LeaveOneOutSplit(data.num_users, data.num_items, tuple(train), valid, test)
 
 
+def training_windows(sequences: Sequence[np.ndarray], maxlen: int) -> dict[str, np.ndarray]:
+  """SASRec's training data: the examples of `training_examples` whose target index ``t`` is the
+  sequence's last, or ``maxlen``, ``2 maxlen``, ... before it (``(len - 1 - t) % maxlen == 0``).
+
+  Read at every position (the all-positions loss, ``config.loss.positions='all'``), these
+  non-overlapping windows predict every item ``s[1:]`` of every sequence exactly once, each from
+  its own prefix (truncated to the window): one pass is one epoch of SASRec, whereas every prefix
+  example read at every position would repeat item ``s[j]`` ``min(maxlen, len - j)`` times.
+  Same fields and order as `training_examples`.
+  """
+  out = training_examples(sequences, maxlen)
+  lens = np.array([len(s) for s in sequences], np.int64)
+  per_user = np.maximum(lens - 1, 0)
+  first = np.concatenate([[0], np.cumsum(per_user)[:-1]]).astype(np.int64)
+  t = np.arange(int(per_user.sum()), dtype=np.int64) - np.repeat(first, per_user) + 1
+  keep = (np.repeat(lens, per_user) - 1 - t) % maxlen == 0
+  return {k: v[keep] for k, v in out.items()}
+
+
 def training_examples(sequences: Sequence[np.ndarray], maxlen: int, min_history: int = 1) -> dict[str, np.ndarray]:
   """Next-item examples: one per position ``t >= min_history`` of each sequence.
 

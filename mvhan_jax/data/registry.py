@@ -86,8 +86,13 @@ def train_source(config, data: InteractionData, split):
 
   MovieLens-100k leave-one-out reads the TFDS ArrayRecord files (built once under the data dir);
   other datasets and protocols build the same examples in memory (MovieLens-1M's leave-one-out
-  examples once per process and (data_dir, maxlen): 982k examples, ~200 MB at maxlen 50).
+  examples once per process and (data_dir, maxlen): 982k examples, ~200 MB at maxlen 50); an
+  interaction log reads its ArrayRecord shards (`logs.ShardedExamples`). ``config.train_examples='windows'``
+  (SASRec's all-positions training): `protocol.training_windows`, in memory.
   """
+  if config.get("train_examples", "prefixes") == "windows":
+    # SASRec's all-positions training: each item predicted once per epoch (protocol.training_windows).
+    return ArraySource(protocol.training_windows(split.train_sequences, config.maxlen))
   if config.dataset.name == "movielens_100k" and config.protocol == "leave_one_out":
     from mvhan_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     return pipeline.movielens_train_source(config.dataset.get("data_dir"), config.maxlen)

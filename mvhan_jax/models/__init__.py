@@ -8,6 +8,7 @@ from mvhan_jax.features import DataSpec
 from mvhan_jax.models import mind
 from mvhan_jax.models import mvhan
 from mvhan_jax.models import multitower
+from mvhan_jax.models import sasrec
 from mvhan_jax.models import two_tower
 
 MODELS: dict[str, Callable] = {
@@ -15,6 +16,7 @@ MODELS: dict[str, Callable] = {
     **mind.MODELS,
     **mvhan.MODELS,
     **multitower.MODELS,
+    **sasrec.MODELS,
 }
 
 

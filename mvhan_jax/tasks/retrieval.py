@@ -70,6 +70,12 @@ class Experiment:
 PROTOCOLS = ("leave_one_out", "comirec")
 LOSSES = ("sampled_softmax", "in_batch")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# config.loss.positions: train the user vector of the whole history only ('last', every model), or
+# the vector of every history prefix against the item that followed it ('all': SASRec's objective;
+# models with `encode_positions`). config.train_examples: every prefix of every training sequence
+# ('prefixes', the default) or SASRec's non-overlapping windows (protocol.training_windows).
+POSITIONS = ("last", "all")
+TRAIN_EXAMPLES = ("prefixes", "windows")
 
 
 def check_config(config) -> None:
@@ -93,6 +99,12 @@ def check_config(config) -> None:
   configs.check_min(config, ("early_stopping_patience",), 0, "0: never stop early")
   if config.loss.kind == "sampled_softmax":
     configs.check_min(config, ("loss.num_negatives",), meaning="sampled negatives per step")
+  if config.get("train_examples") is not None:
+    configs.check_choice(config, "train_examples", TRAIN_EXAMPLES)
+  if config.loss.get("positions") is not None:
+    configs.check_choice(config, "loss.positions", POSITIONS)
+    if config.loss.positions == "all" and config.loss.kind != "sampled_softmax":
+      raise configs.ConfigError("config.loss.positions='all' needs config.loss.kind='sampled_softmax'")
   sharding.check_mesh(config)
 
 
@@ -113,6 +125,10 @@ def build_experiment(config) -> Experiment:
   counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
   sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
   model = models.build_model(config.model, data.spec)
+  if config.loss.get("positions", "last") == "all" and not hasattr(model, "encode_positions"):
+    raise configs.ConfigError(f"config.loss.positions='all' needs a model with a vector per history position "
+                              f"(encode_positions, e.g. 'sasrec'); {config.model.name!r} has none: set "
+                              "config.loss.positions='last'")
   tables = {
       "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
@@ -251,6 +267,32 @@ def make_train_step(exp: Experiment, tx) -> Callable:
         return _loss_fn(params, batch, tables, rng)
     return _loss_fn(params, batch, tables, rng)
 
+  all_positions = cfg.get("positions", "last") == "all"
+
+  def _all_positions_loss(params, batch, tables, rngs, rng_neg, cdf, log_q, temperature):
+    """SASRec's objective: the vector of every history prefix against the item that followed it
+    (`position_targets`), one sampled softmax over the B x L valid positions with shared negatives."""
+    users, valid = model.apply(params, batch, tables, True, method=model.encode_positions, rngs=rngs)
+    targets = position_targets(batch["history"], batch["history_len"], batch["target"])
+    b, length = targets.shape
+    pos_ids = targets.reshape(-1)
+    neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
+    items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items,
+                        rngs=rngs).astype(jnp.float32)
+    loss, logits = losses.sampled_softmax_loss(
+        users.reshape(b * length, -1).astype(jnp.float32), items[: b * length], items[b * length:], pos_ids, neg_ids,
+        pos_log_q=log_q[pos_ids] if cfg.logq else None,
+        neg_log_q=log_q[neg_ids] if cfg.logq else None,
+        temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+    w = valid.reshape(-1).astype(jnp.float32)
+    count = jnp.maximum(w.sum(), 1.0)
+    correct = (jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)
+    # batch_acc over the last positions only, comparable with the 'last' runs.
+    last = jnp.arange(length)[None, :] == (batch["history_len"] - 1)[:, None]
+    last = (last & valid).reshape(-1).astype(jnp.float32)
+    aux = {"loss": jnp.sum(loss * w) / count, "batch_acc": jnp.sum(correct * last) / jnp.maximum(last.sum(), 1.0)}
+    return aux["loss"], aux
+
   def _loss_fn(params, batch, tables, rng):
     rng_neg, rng_drop, rng_route = jax.random.split(rng, 3)
     rngs = {"dropout": rng_drop, "routing": rng_route}
@@ -259,6 +301,8 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     row = batch["content_type"][0] - 1 if exp.type_samplers is not None else 0
     cdf, log_q = cdfs[row], log_qs[row]
     temperature = model.apply(params, method=model.temperature) if learned_temperature else cfg.temperature
+    if all_positions:
+      return _all_positions_loss(params, batch, tables, rngs, rng_neg, cdf, log_q, temperature)
     if cfg.kind == "sampled_softmax":
       neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
       items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items, rngs=rngs)
@@ -319,6 +363,14 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def position_targets(history: jax.Array, history_len: jax.Array, target: jax.Array) -> jax.Array:
+  """The item that followed each history position: ``history[b, p + 1]`` for ``p < history_len - 1``,
+  ``target[b]`` at ``p = history_len - 1`` (and, masked by the loss, beyond). int [B, L]."""
+  nxt = jnp.concatenate([history[:, 1:], history[:, -1:]], axis=1)
+  p = jnp.arange(history.shape[1])[None, :]
+  return jnp.where(p < history_len[:, None] - 1, nxt, target[:, None]).astype(history.dtype)
 
 
 def _sparse_train_step(tx: sparse.SparseTableAdamW, loss_fn: Callable) -> Callable:
