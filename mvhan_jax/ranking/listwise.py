@@ -301,10 +301,11 @@ def reranked_positions(candidates: np.ndarray, scores: np.ndarray, label: np.nda
   return np.where(label < n, hit.argmax(1), n)
 
 
-def train(cfg: TrainConfig, train_lists: Lists, valid_lists: Lists, item_vectors, *,
+def train(cfg: TrainConfig, train_lists: Lists, valid_lists: Lists | None, item_vectors, *,
           valid_metric=None, log=print):
   """Listwise training with early stopping on ``valid_metric(positions) -> float`` (higher is better;
-  default NDCG@10). Returns (model, best params, history of (step, valid metric))."""
+  default NDCG@10) of ``valid_lists``. Returns (model, best params, history of (step, valid metric)).
+  ``valid_lists=None``: ``cfg.epochs`` epochs without validation, the final parameters."""
   from mvhan_jax import evaluation  # pylint: disable=import-outside-toplevel
   if valid_metric is None:
     valid_metric = lambda pos: evaluation.leave_one_out_metrics(pos, (10,))["NDCG@10"]  # noqa: E731
@@ -326,6 +327,8 @@ def train(cfg: TrainConfig, train_lists: Lists, valid_lists: Lists, item_vectors
     return optax.apply_updates(params, updates), opt, loss
 
   def validate():
+    if valid_lists is None:
+      return float("nan")
     scores = score_lists(model, params, valid_lists, item_vectors)
     return valid_metric(reranked_positions(valid_lists.candidates[:, :valid_lists.retrieved], scores,
                                            valid_lists.label))
@@ -347,11 +350,11 @@ def train(cfg: TrainConfig, train_lists: Lists, valid_lists: Lists, item_vectors
         m = validate()
         history.append((t, m))
         log(f"epoch {epoch} step {t}: loss {float(np.mean(losses)):.4f} valid {m:.4f}")
-        if m > best:
+        if valid_lists is None or m > best:
           best, best_params, bad = m, params, 0
         else:
           bad += 1
-          if bad >= cfg.patience:
+          if bad >= cfg.patience and cfg.patience > 0:
             done = True
             break
     if done:
@@ -370,3 +373,20 @@ def build_lists(retrieved: dict, counts: CountFeatures, users, history, history_
                           counts.dense(users, history, history_len, cand)], -1)
   hist, hmask = recent_history(history, history_len, maxlen)
   return Lists(cand.astype(np.int32), dense, np.asarray(retrieved["label"], np.int32), hist, hmask, num_candidates)
+
+
+def cross_validate(cfg: TrainConfig, lists: Lists, item_vectors, folds: int = 5, log=print):
+  """Epochs to train on all of ``lists``, chosen by ``folds``-fold cross-validation over its queries
+  (fold assignment seeded by ``cfg.seed``): per fold, ``cfg.epochs`` epochs on the other folds with the
+  held-out fold's NDCG@10 after every epoch. Returns (best epoch count >= 1, mean curve [epochs + 1],
+  index 0 = the retrieval order)."""
+  fold = np.random.default_rng(cfg.seed).permutation(len(lists)) % folds
+  curves = []
+  for k in range(folds):
+    tr, ho = lists.take(np.flatnonzero(fold != k)), lists.take(np.flatnonzero(fold == k))
+    c = dataclasses.replace(cfg, patience=0, eval_every=max(len(tr) // min(cfg.batch_size, len(tr)), 1))
+    _, _, hist = train(c, tr, ho, item_vectors, log=lambda s: None)
+    curves.append([h[1] for h in hist])
+    log(f"fold {k}: held-out NDCG@10 per epoch {np.round(curves[-1], 4).tolist()}")
+  curve = np.mean(curves, 0)
+  return max(int(np.argmax(curve)), 1), curve
