@@ -109,7 +109,8 @@ python experiments/retrieve_then_rank.py --retrieval_workdir={FLAGS.retrieval_wo
 
 Machine: {report.machine_description()}.
 """
-  report.write_markdown(FLAGS.out, text)
+  # Sections other scripts own (experiments/rerank_listwise.py's listwise re-ranker rows) are kept.
+  report.write_markdown(FLAGS.out, text + report.kept_sections(FLAGS.out))
 
 
 if __name__ == "__main__":

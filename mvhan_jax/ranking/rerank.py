@@ -109,3 +109,51 @@ def retrieve_then_rank(retrieval_config, retrieval_workdir: str, rankers: Mappin
       m[f"HR@{ks[0]} {sname[0]}"] = float(np.mean(pos[sel] < ks[0])) if sel.any() else float("nan")
     out[name] = m
   return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidate lists for the listwise re-ranker (mvhan_jax/ranking/listwise.py)
+# --------------------------------------------------------------------------------------------------
+def training_queries(split, maxlen: int, max_queries: int = 0, min_history: int = 1, seed: int = 0):
+  """Training queries as an `protocol.EvalSet`: (prefix of a training sequence -> its next item),
+  `protocol.training_examples` of ``split.train_sequences``, uniformly subsampled to ``max_queries``
+  (0: all; fixed ``seed``). Exclusions = the user's whole training sequence minus the target, as at
+  evaluation (the user's later items are neither candidates nor negatives)."""
+  from mvhan_jax.data import protocol  # pylint: disable=import-outside-toplevel
+  ex = protocol.training_examples(split.train_sequences, maxlen, min_history)
+  rows = np.arange(len(ex["target"]))
+  if 0 < max_queries < len(rows):
+    rows = np.sort(np.random.default_rng(seed).choice(rows, max_queries, replace=False))
+  users, targets = ex["user"][rows], ex["target"][rows]
+  excl = [np.setdiff1d(split.train_sequences[u], [t]).astype(np.int32) for u, t in zip(users, targets)]
+  indptr = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
+  return protocol.EvalSet(user=users.astype(np.int32), history=ex["history"][rows],
+                          history_len=ex["history_len"][rows], exclude_indptr=indptr,
+                          exclude_indices=np.concatenate(excl) if excl else np.zeros((0,), np.int32),
+                          targets=targets[:, None].astype(np.int32))
+
+
+def retrieved_lists(exp, params, items: np.ndarray, queries, num_candidates: int = 100,
+                    add_missing: bool = False) -> dict[str, np.ndarray]:
+  """The retriever's exact top-``num_candidates`` of each query with its scores.
+
+  Returns 'candidates' int32 [Q, N'] (-1 = empty), 'scores' float32 [Q, N'] (u . v), 'ranks' [Q, N']
+  (0-based retrieval rank; N for an appended positive) and 'label' int [Q] (slot of the target, N if
+  missed). ``add_missing`` (training only): N' = N + 1, the last slot holding the target where the
+  retriever missed it (its own score u . v), else empty.
+  """
+  users, mask = retrieval_task.encode_users(exp, params, queries)
+  if mask is not None:
+    raise ValueError("the listwise re-ranker reads one retrieval vector per user: use a single-vector retriever")
+  scores, ids = evaluation.exact_topk(users, items, num_candidates, exclude_indptr=queries.exclude_indptr,
+                                      exclude_indices=queries.exclude_indices)
+  targets = queries.targets[:, 0]
+  label = target_positions(ids, targets)
+  ranks = np.broadcast_to(np.arange(num_candidates), ids.shape)
+  if add_missing:
+    missed = label == num_candidates
+    tscore = np.einsum("qd,qd->q", users, items[targets]).astype(np.float32)
+    ids = np.concatenate([ids, np.where(missed, targets, -1)[:, None].astype(np.int32)], 1)
+    scores = np.concatenate([scores, np.where(missed, tscore, -np.inf)[:, None]], 1)
+    ranks = np.concatenate([ranks, np.full((len(ids), 1), num_candidates)], 1)
+  return {"candidates": ids, "scores": scores, "ranks": np.asarray(ranks), "label": label}
