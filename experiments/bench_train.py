@@ -76,7 +76,7 @@ def bench(name: str, batch_size: int) -> dict:
     trainer = ranking_train
   else:
     exp = rtask.build_experiment(cfg)
-    trainer = train
+    trainer = rtask  # the task module: init_state(exp, tx, rng), make_train_step(exp, tx)
   tx = train.make_optimizer(cfg.optimizer, 10_000)
   key = jax.random.key(0)
   state = trainer.init_state(exp, tx, key)
