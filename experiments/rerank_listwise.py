@@ -2,7 +2,7 @@ r"""The listwise re-ranker of a retriever's top-100 (issue 18): rows beside 'Ret
 
   python experiments/rerank_listwise.py --seeds=0,1,2
   python experiments/rerank_listwise.py --dataset=ml1m --seeds=0 \
-      --retrieval_workdir=/work/main/runs/ml1m_table/experiments_configs_two_tower_ml100k.py_recency,dataset=ml1m/seed0
+      --retrieval_workdir=runs/ml1m_table/experiments_configs_two_tower_ml100k.py_recency,dataset=ml1m/seed0
 
 Stage 1: the frozen retrieval model of --retrieval_workdir (recency two-tower, best-by-validation
 checkpoint; trained with --retrieval_config when the workdir has no results.json) returns each
