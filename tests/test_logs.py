@@ -237,15 +237,23 @@ def test_features_categorical_multi_dense_and_titles(tmp_path):
                            "tags": ["x|y" if i % 3 == 0 else "y" for i in range(len(items))],
                            "emb": [[float(i), 1.0, -1.0] for i in range(len(items))],
                            "name": [f"N{i}" for i in range(len(items))]}), tmp_path / "items.parquet")
+  users = sorted({r[0] for r in rows})
+  pacsv.write_csv(pa.table({"member": users[::-1], "segment": ["z" if u == users[1] else "y" for u in users[::-1]]}),
+                  str(tmp_path / "users.csv"))
   spec = _spec(path, item_features=logs.FeatureFileSpec(path=str(tmp_path / "items.parquet"), key="sku",
                                                          categorical=("brand",), multi=("tags",), dense=("emb",),
-                                                         title="name"))
+                                                         title="name"),
+               user_features=logs.FeatureFileSpec(path=str(tmp_path / "users.csv"), key="member",
+                                                  categorical=("segment",)))
   data = logs.load(logs.convert(spec, str(tmp_path / "cache")))
   np.testing.assert_array_equal(data.item_features["brand"][:3], [1, 2, 1])
   np.testing.assert_array_equal(data.item_features["tags"][:2], [[1, 2], [2, 0]])
   assert data.vocab["brand"] == 3 and data.vocab["tags"] == 3
   np.testing.assert_allclose(data.item_features["emb"][2], [2.0, 1.0, -1.0])
   assert data.item_titles[:2] == ("N0", "N1")
+  # User rows follow the log's dense ids, not the file's order.
+  np.testing.assert_array_equal(data.user_features["segment"][:3], [1, 2, 1])
+  assert data.vocab["segment"] == 3
 
 
 def test_mind_without_profile_features_trains_finite(tmp_path):

@@ -688,36 +688,30 @@ def parse_log(spec: LogSpec, out_dir: str) -> tuple[list[str], IdMap, IdMap, int
   return parts, IdMap.from_unique(_merge_unique(users)), IdMap.from_unique(_merge_unique(items)), rows
 
 
-def _write_common(folder: str, spec: LogSpec, user_ids: IdMap, kept_users: np.ndarray, item_ids: IdMap) -> None:
-  """users.parquet (kept users in final dense order), items.parquet."""
-  pq.write_table(pa.table({"raw_id": user_ids.raw_values().take(pa.array(kept_users))}),
-                 os.path.join(folder, "users.parquet"))
-  pq.write_table(pa.table({"raw_id": item_ids.raw_values()}), os.path.join(folder, "items.parquet"))
-
-
 def finish(folder: str, spec: LogSpec, user_ids: IdMap, item_ids: IdMap, kept_users: np.ndarray,
            counts: dict[str, int], shards: int, engine: str) -> dict[str, Any]:
-  """Features, id maps and the manifest (with checksums) of a converted folder; prints the counts."""
-  _write_common(folder, spec, user_ids, kept_users, item_ids)
+  """Features, id maps (users.parquet: kept users in final dense order; items.parquet, with titles) and
+  the manifest (with checksums) of a converted folder."""
   feat_dir = os.path.join(folder, "features")
   os.makedirs(feat_dir, exist_ok=True)
   vocab, titles, type_names = {}, None, None
-  kept_ids = IdMap(user_ids.keys.take(pa.array(kept_users)), user_ids.numeric)
-  for what, fspec, ids in (("item", spec.item_features, item_ids), ("user", spec.user_features, kept_ids)):
-    if fspec is None:
-      continue
-    if what == "user":
-      # A user dropped by the min_events policy may be in the user file: not an error.
-      all_feats = load_features(dataclasses.replace(fspec, title="", type=""), user_ids, what)
-      feats, voc = {k: v[kept_users] for k, v in all_feats[0].items()}, all_feats[1]
-    else:
-      feats, voc, titles, type_names = load_features(fspec, ids, what)
+  if spec.item_features is not None:
+    feats, voc, titles, type_names = load_features(spec.item_features, item_ids, "item")
     for k, v in feats.items():
-      np.save(os.path.join(feat_dir, f"{what}.{k}.npy"), v)
-    vocab.update({f"{what}.{k}": v for k, v in voc.items()})
+      np.save(os.path.join(feat_dir, f"item.{k}.npy"), v)
+    vocab.update({f"item.{k}": v for k, v in voc.items()})
+  if spec.user_features is not None:
+    # Keyed by every user of the log: a user dropped by the min_events policy may be in the file.
+    feats, voc, _, _ = load_features(dataclasses.replace(spec.user_features, title="", type=""), user_ids, "user")
+    for k, v in feats.items():
+      np.save(os.path.join(feat_dir, f"user.{k}.npy"), v[kept_users])
+    vocab.update({f"user.{k}": v for k, v in voc.items()})
+  pq.write_table(pa.table({"raw_id": user_ids.raw_values().take(pa.array(kept_users))}),
+                 os.path.join(folder, "users.parquet"))
+  items = {"raw_id": item_ids.raw_values()}
   if titles is not None:
-    pq.write_table(pa.table({"raw_id": item_ids.raw_values(), "title": pa.array(titles, pa.string())}),
-                   os.path.join(folder, "items.parquet"))
+    items["title"] = pa.array(titles, pa.string())
+  pq.write_table(pa.table(items), os.path.join(folder, "items.parquet"))
   files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
   manifest = {
       "format": FORMAT_VERSION, "engine": engine, "spec": dataclasses.asdict(spec), "maxlen": spec.maxlen,
@@ -849,13 +843,3 @@ def load(folder: str, name: str = "interactions") -> InteractionData:
 def raw_ids(folder: str, what: str) -> list:
   """The raw ids of users or items in dense-id order."""
   return pq.read_table(os.path.join(folder, f"{what}s.parquet")).column("raw_id").to_pylist()
-
-
-def dense_user(folder: str, raw: str) -> int | None:
-  """The dense id of a raw user id given on the command line (a string), or None."""
-  ids = raw_ids(folder, "user")
-  keys = [str(v) for v in ids]
-  try:
-    return keys.index(str(raw).strip())
-  except ValueError:
-    return None
