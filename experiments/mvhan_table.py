@@ -58,7 +58,9 @@ POOLED = ("HR@10", "HR@50")
 
 
 def run(args: str, seed: int) -> dict[str, float]:
-  cfg = configs.apply_overrides(configs.load_config(f"{CONFIGS[FLAGS.dataset]}:{args}"), FLAGS.override)
+  # One loss for every row: the sampled softmax the typed rows need (negatives of the batch's type).
+  loss = "" if "softmax=" in args else ",softmax=sampled"
+  cfg = configs.apply_overrides(configs.load_config(f"{CONFIGS[FLAGS.dataset]}:{args}{loss}"), FLAGS.override)
   cfg.seed = seed
   cfg.progress = False
   cfg.index.build = False

@@ -46,6 +46,27 @@ def kept_sections(path: str) -> str:
   return "".join("\n" + m.group(0) for m in _SECTION.finditer(open(path).read()))
 
 
+def kept_rows(path: str, names: Sequence[str]) -> dict[str, str]:
+  """The table lines ``| name | ...`` of an existing results file for each of ``names`` found there,
+  so that a table script rerunning some rows keeps the others as an earlier run of it wrote them."""
+  if not os.path.exists(path):
+    return {}
+  wanted, found = set(names), {}
+  for line in open(path).read().splitlines():
+    cells = line.split("|")
+    if line.startswith("| ") and len(cells) > 2 and cells[1].strip() in wanted:
+      found.setdefault(cells[1].strip(), line)
+  return found
+
+
+def merge_rows(table: str, kept: Mapping[str, str], order: Sequence[str]) -> str:
+  """``table`` (a `mean_std_table`) with the ``kept`` lines added, every row in ``order``."""
+  lines = table.rstrip("\n").splitlines()
+  head, body = lines[:2], {line.split("|")[1].strip(): line for line in lines[2:]}
+  body.update({k: v for k, v in kept.items() if k not in body})
+  return "\n".join(head + [body[name] for name in order if name in body])
+
+
 def machine_description() -> str:
   import os  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel

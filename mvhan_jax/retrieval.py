@@ -52,6 +52,9 @@ def _import_scann():
     return None
 
 
+NO_TREE_BELOW = 10_000  # catalogues smaller than this are scanned whole (IndexConfig.for_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
   """ANN index hyperparameters.
@@ -96,14 +99,17 @@ class IndexConfig:
     under 100k items, where sqrt(n) leaves are few and a missed leaf costs a
     large share of recall: measured on MovieLens-100k's 1,682 items, 10% gave
     recall@10 0.69-0.76, 25% gave 0.95-1.0), trained on up to 250k items.
-    Catalogues under 2,000 items get no tree: partitions there hold a few dozen
-    items, scanning the whole catalogue with AH costs microseconds, and a tree
-    over MovieLens' 1,682 items lost up to 23% recall@10 for multi-interest
-    queries whose interests point at different partitions.
+    Catalogues under 10,000 items (``NO_TREE_BELOW``) get no tree: partitions
+    there hold a few dozen items, scanning the whole catalogue with AH costs
+    microseconds, and trees lost recall on both MovieLens catalogues: up to 23%
+    recall@10 over ML-100k's 1,682 items for multi-interest queries whose
+    interests point at different partitions, and 7-10% recall@50 over ML-1M's
+    3,706 items (61 leaves, 16 searched: 0.90-0.93 in experiments/results/ml1m.md
+    before the threshold moved from 2,000 to 10,000).
     """
     if num_items < 1:
       raise ValueError(f"num_items must be >= 1, got {num_items}")
-    if num_items < 2000:
+    if num_items < NO_TREE_BELOW:
       leaves, search = 0, 0
     else:
       leaves = min(num_items, max(1, int(round(math.sqrt(num_items)))))
@@ -650,7 +656,7 @@ def default_tune_grid(num_items: int, k: int = 10) -> list[IndexConfig]:
   """The settings `autotune` tries by default.
 
   num_leaves ~ sqrt(n) x {0.5, 1, 2}; leaves_to_search 1% .. 40% of the
-  leaves; reorder_k in {2k, 5k, 10k, 25k}. Under 2,000 items there is no tree
+  leaves; reorder_k in {2k, 5k, 10k, 25k}. Under NO_TREE_BELOW items there is no tree
   (IndexConfig.for_size), so only reorder_k varies.
   """
   if num_items < 1:

@@ -39,16 +39,16 @@ EXAMPLES = {
     "mind_synthetic_1m": _MIND,
     "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
-    "mvhan_ml100k": {**_MVHAN, **_ML1M},
-    "mvhan_synthetic": _MVHAN,
+    "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled"},
+    "mvhan_synthetic": {**_MVHAN, "softmax": "sampled"},
     "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",
-                      "smoke": None},
+                      "softmax": "full", "steps": "2000", "smoke": None, **_ML1M},
     "seminar_ml100k": _SEMINAR,
     "seminar_synthetic": {**_SEMINAR, "smoke": None},
 }
 # Examples that name the default on purpose (the arg exists to say it explicitly).
-SAME_AS_DEFAULT = {("mvhan_ml100k", "pooled"), ("mvhan_synthetic", "typed"), ("multitower_synthetic", "protocol")}
+SAME_AS_DEFAULT = {("mvhan_ml100k", "pooled"), ("mvhan_synthetic", "typed"), ("mvhan_synthetic", "softmax"), ("multitower_synthetic", "protocol")}
 
 
 def _load(name: str, arg: str = "") -> ml_collections.ConfigDict:

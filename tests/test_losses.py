@@ -30,6 +30,16 @@ def test_sampled_softmax_hand_computed():
   assert float(logits[0, 2]) < -1e8
 
 
+def test_full_softmax_hand_computed():
+  query = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  items = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+  loss, logits = losses.full_softmax_loss(query, items, jnp.array([0, 2]), temperature=0.5)
+  # row 0: logits (2, 0, -2), target 0;  row 1: logits (0, 4, 0), target 2.
+  assert float(loss[0]) == pytest.approx(math.log(math.exp(2) + 1 + math.exp(-2)) - 2, rel=1e-5)
+  assert float(loss[1]) == pytest.approx(math.log(2 + math.exp(4)), rel=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), [[2, 0, -2], [0, 4, 0]], atol=1e-6)
+
+
 def test_sampled_softmax_keeps_accidental_hit_when_asked():
   q, pos, neg, pid, nid, plq, nlq = _example()
   loss, _ = losses.sampled_softmax_loss(q, pos, neg, pid, nid, plq, nlq, remove_accidental_hits=False)

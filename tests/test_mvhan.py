@@ -113,6 +113,54 @@ def test_parameter_tree_follows_the_sharing_flags():
   assert ep["user_mlp"]["Dense_0"]["kernel"].shape == sp["user_mlp"]["Dense_0"]["kernel"].shape
 
 
+def test_untied_behaviour_embeddings_are_the_user_towers_own():
+  model = _model(tie_behaviour_embeddings=False)
+  params = _draw(_shapes(model))
+  assert params["params"]["behaviour_embed"]["embedding"].shape == (I, D)
+  users = jax.jit(lambda p: model.apply(p, BATCH, TABLES, method=model.encode_users))
+  before = users(params)
+  # The content tower's id table no longer reaches the user vector; the behaviour table does.
+  moved = _copy(params)
+  moved["params"]["content_embed"]["id_embed"]["embedding"] += 1.0
+  np.testing.assert_array_equal(np.asarray(users(moved)), np.asarray(before))
+  moved = _copy(params)
+  # (not a constant shift: the FEL's LayerNorm removes those)
+  moved["params"]["behaviour_embed"]["embedding"] = moved["params"]["behaviour_embed"]["embedding"].at[2].add(
+      jnp.linspace(-1.0, 1.0, D))
+  assert not np.allclose(np.asarray(users(moved))[0], np.asarray(before)[0])  # user 0's history holds item 2
+  np.testing.assert_allclose(np.asarray(users(moved))[2], np.asarray(before)[2], atol=1e-6)  # empty history
+
+
+def test_without_the_user_id_token_users_are_their_profile_and_history():
+  model = _model(user_id_token=False)
+  params = _draw(_shapes(model))
+  assert "user_id_embed" not in params["params"] and "user_id_embed" in _shapes(_model())["params"]
+  users = jax.jit(lambda p, b: model.apply(p, b, TABLES, method=model.encode_users))
+  # Users 0 and 1 (different ids) with the same age and history get the same vector.
+  tables_same_age = {**TABLES, "user": {"age": jnp.array([1, 1, 1])}}
+  same = {**BATCH, "history": jnp.tile(BATCH["history"][:1], (3, 1)), "history_len": jnp.array([4, 4, 4])}
+  out = np.asarray(model.apply(params, same, tables_same_age, method=model.encode_users))
+  np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(users(params, BATCH))))
+
+
+def test_last_token_readout_reads_the_most_recent_behaviour_slot():
+  model = _model(last_token_readout=True, user_id_token=False)
+  params = _draw(_shapes(model))
+  users = jax.jit(lambda p: model.apply(p, BATCH, TABLES, method=model.encode_users))
+  before = np.asarray(users(params))
+  # Zeroing the read-out projection gives the tower without it (same other parameters).
+  plain = _model(user_id_token=False)
+  p0 = {"params": {k: v for k, v in params["params"].items() if k != "last_readout"}}
+  off = _copy(params)
+  off["params"]["last_readout"] = jax.tree_util.tree_map(jnp.zeros_like, params["params"]["last_readout"])
+  np.testing.assert_allclose(np.asarray(users(off)), np.asarray(plain.apply(p0, BATCH, TABLES, method=plain.encode_users)),
+                             atol=1e-6)
+  assert not np.allclose(before[:2], np.asarray(users(off))[:2])  # histories 1 and 2 are not empty
+  with pytest.raises(ValueError, match="last_token_readout"):
+    _shapes(_model(last_token_readout=True, num_behaviour_tokens=0))
+
+
 def test_real_init_creates_every_per_type_copy():
   model = _model(**VARIANTS["exclusive"])
   params = jax.jit(model.init)(KEY, BATCH, TABLES)  # BATCH's targets are all type 1

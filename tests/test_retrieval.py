@@ -43,7 +43,9 @@ def clustered():
 
 @pytest.fixture(scope="module")
 def scann_index(clustered):
-  return retrieval.build_index(clustered[0], retrieval.IndexConfig.for_size(5000))
+  # A tree (71 leaves, 18 searched: what for_size gives a 5,000-item catalogue above NO_TREE_BELOW).
+  return retrieval.build_index(clustered[0], retrieval.IndexConfig.for_size(5000, num_leaves=71,
+                                                                            num_leaves_to_search=18))
 
 
 def test_merge_interests_matches_python_reference():

@@ -195,9 +195,13 @@ def test_all_positions_needs_a_per_position_model():
   cfg.loss.positions = "every"
   with pytest.raises(configs.ConfigError, match="loss.positions"):
     rtask.check_config(cfg)
+  cfg.loss.positions = "all"
+  cfg.loss.kind = "in_batch"
+  with pytest.raises(configs.ConfigError, match="full_softmax"):
+    rtask.check_config(cfg)
 
 
-@pytest.mark.parametrize("arg", ["smoke", "smoke,loss=last,examples=prefixes"])
+@pytest.mark.parametrize("arg", ["smoke", "smoke,loss=last,examples=prefixes", "smoke,softmax=full"])
 def test_smoke_run_learns_and_serves(arg, tmp_path):
   cfg = load_config(f"experiments/configs/sasrec_ml100k.py:{arg}")
   results = tasks.train_and_evaluate(cfg, str(tmp_path))

@@ -68,7 +68,7 @@ def test_target_type_step_trains_the_shared_parts_not_the_source_head(typed_exp)
 
 
 def test_per_type_negatives_need_a_schedule_and_content_types():
-  cfg = _config("smoke")
+  cfg = _config("smoke,softmax=sampled")
   cfg.loss.negatives_per_type = True
   with pytest.raises(ValueError, match="type_schedule"):
     rtask.build_experiment(cfg)
@@ -76,6 +76,10 @@ def test_per_type_negatives_need_a_schedule_and_content_types():
   cfg.eval_per_type = True
   with pytest.raises(ValueError, match="content_types"):
     rtask.build_experiment(cfg)
+  cfg = _config("smoke")  # pooled: the full softmax, which ranks every type
+  cfg.loss.negatives_per_type = True
+  with pytest.raises(ValueError, match="full_softmax"):
+    rtask.check_config(cfg)
 
 
 @pytest.fixture(scope="module")

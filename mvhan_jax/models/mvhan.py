@@ -215,6 +215,12 @@ class MVHAN(nn.Module):
     dropout: in the FEL blocks and after every MRL hidden layer.
     learn_temperature: add a learned ``log_temperature`` (see ``temperature``).
     init_temperature: its initial value, or the constant ``temperature()`` returns.
+    tie_behaviour_embeddings: history items look up the content tower's id table (default), or a
+      table of the user tower's own (an item as history and as target need not share a vector).
+    user_id_token: the user-id field (default); False leaves the user described by profile and
+      history only (a per-user table can memorise training targets instead of reading the history).
+    last_token_readout: add a projection of the FEL output at the most recent behaviour's token to
+      the user MRL's output (SASRec reads its user vector there; default off, the paper's tower).
   """
 
   num_users: int
@@ -234,6 +240,9 @@ class MVHAN(nn.Module):
   dropout: float = 0.0
   learn_temperature: bool = False
   init_temperature: float = 0.1
+  tie_behaviour_embeddings: bool = True
+  user_id_token: bool = True
+  last_token_readout: bool = False
 
   def setup(self):
     if self.interaction not in ("mhsa", "mlp"):
@@ -257,13 +266,21 @@ class MVHAN(nn.Module):
     self.content_fel = fel_cls(self.fel_layers, self.num_heads, self.interaction, self.dropout)
     self.content_heads = _per_type(MLP, T)(tuple(self.mrl_hidden), self.dim, self.dropout)
     # User tower (always shared across types).
-    self.user_id_embed = nn.Embed(self.num_users, self.dim, embedding_init=_INIT)
+    if self.user_id_token:
+      self.user_id_embed = nn.Embed(self.num_users, self.dim, embedding_init=_INIT)
     if self.user_specs:
       self.user_fields = FieldEmbedding(self.user_specs, self.dim)
     if self.num_behaviour_tokens:
       self.position_embed = nn.Embed(self.num_behaviour_tokens, self.dim, embedding_init=_INIT)
+    if not self.tie_behaviour_embeddings:
+      self.behaviour_embed = nn.Embed(self.num_items, self.dim, embedding_init=_INIT)
     self.user_fel = FEL(self.fel_layers, self.num_heads, self.interaction, self.dropout)
     self.user_mlp = MLP(tuple(self.mrl_hidden), self.dim, self.dropout)
+    if self.last_token_readout:
+      if not self.num_behaviour_tokens or self.interaction != "mhsa":
+        raise ValueError("model.last_token_readout needs behaviour tokens (num_behaviour_tokens > 0) and "
+                         "interaction='mhsa'")
+      self.last_readout = nn.Dense(self.dim, name="last_readout")
     if self.learn_temperature:
       self.log_temperature = self.param("log_temperature", nn.initializers.constant(
           math.log(self.init_temperature)), ())
@@ -287,7 +304,10 @@ class MVHAN(nn.Module):
     return jnp.asarray(self.init_temperature, jnp.float32)
 
   def behaviour_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
-    """Id embedding of history items, shared with the content tower's id table. [...] -> [..., D]."""
+    """Id embedding of history items, shared with the content tower's id table (or the user tower's
+    own table when ``tie_behaviour_embeddings=False``). [...] -> [..., D]."""
+    if not self.tie_behaviour_embeddings:
+      return self.behaviour_embed(item_ids)
     emb = self.content_embed.embed_ids(item_ids)
     if self.share_embeddings:
       return emb
@@ -304,7 +324,7 @@ class MVHAN(nn.Module):
     history, history_len = batch["history"], batch["history_len"]
     L = history.shape[1]
     live = jnp.arange(L)[None, :] < history_len[:, None]  # [B, L]
-    fixed = [self.user_id_embed(batch["user"])[:, None, :]]
+    fixed = [self.user_id_embed(batch["user"])[:, None, :]] if self.user_id_token else []
     if self.user_specs:
       fixed.append(self.user_fields(gather_rows(tables["user"], batch["user"])))  # [B, Fu, D]
     fixed.append(masked_mean(self.behaviour_embedding(history, tables), live)[:, None, :])
@@ -317,7 +337,13 @@ class MVHAN(nn.Module):
       tokens = jnp.concatenate([fixed, behaviours], axis=1)
       mask = jnp.concatenate([mask, recent_mask], axis=1)
     x = self.user_fel(tokens, mask, train)
-    return self._out(self.user_mlp(x, train))
+    out = self.user_mlp(x, train)
+    if self.last_token_readout:
+      # SASRec's read-out added to the MRL's: the FEL output at the most recent behaviour's slot
+      # (zeros for an empty history), projected.
+      n_fixed, D = fixed.shape[1], self.dim
+      out = out + self.last_readout(x[:, n_fixed * D:(n_fixed + 1) * D])
+    return self._out(out)
 
   def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
     """MV-HAN content tower (embedding layer -> FEL -> the item's type's MRL head).
@@ -374,6 +400,9 @@ def _common_kwargs(cfg, spec: DataSpec, fel_layers_default: int) -> dict:
       dropout=cfg.get("dropout", 0.0),
       learn_temperature=cfg.get("learn_temperature", False),
       init_temperature=cfg.get("init_temperature", 0.1),
+      tie_behaviour_embeddings=cfg.get("tie_behaviour_embeddings", True),
+      user_id_token=cfg.get("user_id_token", True),
+      last_token_readout=cfg.get("last_token_readout", False),
   )
 
 

@@ -68,7 +68,7 @@ class Experiment:
 
 
 PROTOCOLS = ("leave_one_out", "comirec")
-LOSSES = ("sampled_softmax", "in_batch")
+LOSSES = ("sampled_softmax", "in_batch", "full_softmax")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # config.loss.positions: train the user vector of the whole history only ('last', every model), or
 # the vector of every history prefix against the item that followed it ('all': SASRec's objective;
@@ -99,12 +99,16 @@ def check_config(config) -> None:
   configs.check_min(config, ("early_stopping_patience",), 0, "0: never stop early")
   if config.loss.kind == "sampled_softmax":
     configs.check_min(config, ("loss.num_negatives",), meaning="sampled negatives per step")
+  if config.loss.kind == "full_softmax" and config.loss.get("negatives_per_type", False):
+    raise configs.ConfigError("config.loss.kind='full_softmax' ranks every item, whatever its type: it excludes "
+                              "config.loss.negatives_per_type=True (use 'sampled_softmax' for typed negatives)")
   if config.get("train_examples") is not None:
     configs.check_choice(config, "train_examples", TRAIN_EXAMPLES)
   if config.loss.get("positions") is not None:
     configs.check_choice(config, "loss.positions", POSITIONS)
-    if config.loss.positions == "all" and config.loss.kind != "sampled_softmax":
-      raise configs.ConfigError("config.loss.positions='all' needs config.loss.kind='sampled_softmax'")
+    if config.loss.positions == "all" and config.loss.kind == "in_batch":
+      raise configs.ConfigError("config.loss.positions='all' needs config.loss.kind='sampled_softmax' or "
+                                "'full_softmax'")
   sharding.check_mesh(config)
 
 
@@ -223,6 +227,7 @@ def abstract_state(exp: Experiment, tx, mesh=None) -> TrainState:
 def make_train_step(exp: Experiment, tx) -> Callable:
   model, cfg = exp.model, exp.config.loss
   num_neg = cfg.num_negatives
+  num_items = int(np.shape(exp.sampler.cdf)[0])  # the sampler spans the catalogue (exp.data may be None)
   if exp.type_samplers is not None:
     # One proposal per content type, stacked [T, I]; a batch (one type) picks its row.
     types = sorted(exp.type_samplers)
@@ -276,17 +281,24 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     targets = position_targets(batch["history"], batch["history_len"], batch["target"])
     b, length = targets.shape
     pos_ids = targets.reshape(-1)
-    neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
-    items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items,
-                        rngs=rngs).astype(jnp.float32)
-    loss, logits = losses.sampled_softmax_loss(
-        users.reshape(b * length, -1).astype(jnp.float32), items[: b * length], items[b * length:], pos_ids, neg_ids,
-        pos_log_q=log_q[pos_ids] if cfg.logq else None,
-        neg_log_q=log_q[neg_ids] if cfg.logq else None,
-        temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+    flat_users = users.reshape(b * length, -1).astype(jnp.float32)
+    if cfg.kind == "full_softmax":
+      items = model.apply(params, jnp.arange(num_items, dtype=jnp.int32), tables, True, method=model.encode_items,
+                          rngs=rngs).astype(jnp.float32)
+      loss, logits = losses.full_softmax_loss(flat_users, items, pos_ids, temperature)
+      correct = (jnp.argmax(logits, axis=1) == pos_ids).astype(jnp.float32)
+    else:
+      neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
+      items = model.apply(params, jnp.concatenate([pos_ids, neg_ids]), tables, True, method=model.encode_items,
+                          rngs=rngs).astype(jnp.float32)
+      loss, logits = losses.sampled_softmax_loss(
+          flat_users, items[: b * length], items[b * length:], pos_ids, neg_ids,
+          pos_log_q=log_q[pos_ids] if cfg.logq else None,
+          neg_log_q=log_q[neg_ids] if cfg.logq else None,
+          temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
+      correct = (jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)
     w = valid.reshape(-1).astype(jnp.float32)
     count = jnp.maximum(w.sum(), 1.0)
-    correct = (jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)
     # batch_acc over the last positions only, comparable with the 'last' runs.
     last = jnp.arange(length)[None, :] == (batch["history_len"] - 1)[:, None]
     last = (last & valid).reshape(-1).astype(jnp.float32)
@@ -310,12 +322,20 @@ def make_train_step(exp: Experiment, tx) -> Callable:
       pos, neg = items[:b], items[b:]
     elif cfg.kind == "in_batch":
       pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
+    elif cfg.kind == "full_softmax":
+      # Every item's vector once per step; the positives are rows of it.
+      all_items = model.apply(params, jnp.arange(num_items, dtype=jnp.int32), tables, True,
+                              method=model.encode_items, rngs=rngs).astype(jnp.float32)
+      pos = all_items[pos_ids]
     else:
-      raise configs.ConfigError(f"config.loss.kind={cfg.kind!r} is unknown: use 'sampled_softmax' or 'in_batch'")
+      raise configs.ConfigError(f"config.loss.kind={cfg.kind!r} is unknown: use one of {LOSSES}")
     users = cast(model.apply(params, batch, tables, True, method=model.encode_users, rngs=rngs), jnp.float32)
     serve_scores = None
     if multi:
       interests, mask = users
+      if train_equals_serve and cfg.kind == "full_softmax":
+        raise configs.ConfigError("config.loss.kind='full_softmax' is not wired for train-equals-serve "
+                                  "multi-interest models: use 'sampled_softmax'")
       if train_equals_serve and cfg.kind == "sampled_softmax":
         # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
         scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
@@ -337,6 +357,9 @@ def make_train_step(exp: Experiment, tx) -> Callable:
           neg_log_q=log_q[neg_ids] if cfg.logq else None,
           temperature=temperature, remove_accidental_hits=cfg.remove_accidental_hits)
       correct = jnp.argmax(logits, axis=1) == 0
+    elif cfg.kind == "full_softmax":
+      loss, logits = losses.full_softmax_loss(users, all_items, pos_ids, temperature)
+      correct = jnp.argmax(logits, axis=1) == pos_ids
     else:
       loss, logits = losses.in_batch_softmax_loss(
           users, pos, pos_ids, pos_log_q=log_q[pos_ids] if cfg.logq else None, temperature=temperature)
