@@ -16,6 +16,11 @@ a bag-of-items model loses nothing under the shuffles. The Markov chain baseline
 for reference (it reads the last two items only).
 
   python experiments/order_probe.py --config=experiments/configs/mvhan_ml100k.py --workdir=runs/mvhan_ml100k
+  python experiments/order_probe.py --config=experiments/configs/two_tower_ml100k.py --ties   # no workdir
+
+--ties measures the protocol instead: how many test targets share their second with the validation
+item (the protocol orders equal timestamps by item id), how many training transitions are such
+same-second pairs, and the Markov chain and popularity with equal timestamps ordered at random.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import numpy as np
 
 from mvhan_jax import baselines
 from mvhan_jax import evaluation
+from mvhan_jax.data import protocol
 from mvhan_jax import configs
 from mvhan_jax.ranking import candidates as retrieval_candidates
 from mvhan_jax.tasks import retrieval as rtask
 
 flags.DEFINE_string("config", None, "The workdir's config (path[:args]).", required=True)
-flags.DEFINE_string("workdir", None, "A trained retrieval workdir.", required=True)
+flags.DEFINE_string("workdir", None, "A trained retrieval workdir (not needed with --ties).")
+flags.DEFINE_bool("ties", False, "Measure the same-second ties of the config's dataset instead.")
 flags.DEFINE_list("override", [], "Config field overrides the workdir was trained with, e.g. loss.kind=full_softmax.")
 flags.DEFINE_integer("recent", 5, "K for 'shuffle last K' / 'shuffle older'.")
 flags.DEFINE_integer("seed", 0, "Shuffle seed.")
@@ -61,9 +68,35 @@ def perturbations(history: np.ndarray, history_len: np.ndarray, k: int, seed: in
   return out
 
 
+def tie_report(data, seed: int) -> None:
+  """Same-second ties of a dataset and what ordering them at random does to the count baselines."""
+  order = np.lexsort((data.item, data.timestamp, data.user))
+  bounds = np.flatnonzero(np.diff(data.user[order])) + 1
+  times = [t for t in np.split(data.timestamp[order], bounds) if len(t) >= 3]
+  same_test = np.mean([t[-1] == t[-2] for t in times])
+  same_pairs = np.concatenate([t[1:] == t[:-1] for t in times]).mean()
+  print(f"test target in the validation item's second: {same_test:.3f} of users; "
+        f"same-second pairs among consecutive events: {same_pairs:.3f}")
+  jitter = np.random.default_rng(seed).integers(0, 1 << 20, len(data.item))
+  shuffled = dataclasses.replace(data, timestamp=data.timestamp.astype(np.int64) * (1 << 20) + jitter)
+  print("| equal timestamps ordered by | Markov chain HR@10 | NDCG@10 | popularity HR@10 |")
+  print("|---|---|---|---|")
+  for name, d in (("item id (the protocol)", data), ("a random draw", shuffled)):
+    split = protocol.leave_one_out(d)
+    test = split.eval_set("test", 50)
+    markov = baselines.evaluate_markov_chain(split, test)
+    pop = baselines.evaluate_popularity(split, test)
+    print(f"| {name} | {markov['HR@10']:.4f} | {markov['NDCG@10']:.4f} | {pop['HR@10']:.4f} |", flush=True)
+
+
 def main(argv):
   del argv
   config = configs.apply_overrides(configs.load_config(FLAGS.config), FLAGS.override)
+  if FLAGS.ties:
+    tie_report(rtask.build_experiment(config).data, FLAGS.seed)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir: give the trained workdir to probe (or --ties)")
   exp, params, items = retrieval_candidates.load_retrieval(config, FLAGS.workdir)
   test = exp.eval_sets["test"]
   evaluator = evaluation.LeaveOneOutEvaluator(test, split="test")

@@ -110,6 +110,35 @@ def test_learned_temperature_moves_and_is_logged(smoke_run):
   assert abs(temps[-1] - 0.1) > 1e-3  # initialised at 0.1 and trained
 
 
+def test_full_softmax_step_loss_is_the_cross_entropy_over_every_item():
+  """The pooled default's step (config.loss.kind='full_softmax'): its reported loss is recomputed from
+  the model's own encoders: every item's vector, cosine / temperature, cross-entropy at the target."""
+  cfg = _config("smoke")
+  assert cfg.loss.kind == "full_softmax" and cfg.model.dropout == 0.0  # dropout off: deterministic
+  exp = rtask.build_experiment(cfg)
+  tx = train.make_optimizer(cfg.optimizer, 10)
+  state = rtask.init_state(exp, tx, jax.random.key(0))
+  params = jax.tree_util.tree_map(np.asarray, state.params)  # the step donates its state
+  batch = next(pipeline.iterate(rtask.train_dataset(exp, 32, seed=0)))
+  _, metrics = rtask.make_train_step(exp, tx)(state, batch, exp.tables, jax.random.key(1))
+  model = exp.model
+  users = np.asarray(model.apply(params, batch, exp.tables, method=model.encode_users), np.float64)
+  items = np.asarray(model.apply(params, np.arange(exp.data.num_items), exp.tables, method=model.encode_items),
+                     np.float64)
+  logits = users @ items.T / cfg.loss.temperature
+  top = logits.max(axis=1)
+  ce = top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - logits[np.arange(len(users)), batch["target"]]
+  np.testing.assert_allclose(float(metrics["loss"]), ce.mean(), rtol=1e-4)
+  assert float(metrics["batch_acc"]) == np.mean(logits.argmax(axis=1) == batch["target"])
+
+
+def test_full_softmax_is_refused_where_it_is_not_wired():
+  cfg = load_config(os.path.join(ROOT, "experiments", "configs", "multitower_ml100k.py") + ":smoke")
+  cfg.loss.kind = "full_softmax"  # multi-tower trains with its serving score over sampled candidates
+  with pytest.raises(ValueError, match="full_softmax.*sampled_softmax"):
+    rtask.build_experiment(cfg)
+
+
 def test_pooled_two_tower_on_typed_data_uses_all_items_as_negatives():
   cfg = _config("smoke,model=two_tower")
   exp = rtask.build_experiment(cfg)

@@ -13,7 +13,7 @@ Launch:
 Arguments: as experiments/configs/mvhan_ml100k.py (model=, typed, single=, exclusive_embeddings,
 fel_per_type, mlp, learn_temperature, softmax=, smoke); here 'typed' is the default and 'pooled' turns
 it off, and softmax=sampled is the default whatever the batches.
-Expected result: experiments/results/mvhan.md.
+Expected result: experiments/results/mvhan_synthetic.md.
 """
 
 import ml_collections

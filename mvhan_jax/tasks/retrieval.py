@@ -133,6 +133,9 @@ def build_experiment(config) -> Experiment:
     raise configs.ConfigError(f"config.loss.positions='all' needs a model with a vector per history position "
                               f"(encode_positions, e.g. 'sasrec'); {config.model.name!r} has none: set "
                               "config.loss.positions='last'")
+  if config.loss.kind == "full_softmax" and getattr(model, "train_equals_serve", False):
+    raise configs.ConfigError(f"config.loss.kind='full_softmax' is not wired for {config.model.name!r} trained "
+                              "with its serving score: use 'sampled_softmax' or another model.training")
   tables = {
       "user": {k: jnp.asarray(v) for k, v in data.user_features.items()},
       "item": {k: jnp.asarray(v) for k, v in data.item_features.items()},
@@ -274,6 +277,11 @@ def make_train_step(exp: Experiment, tx) -> Callable:
 
   all_positions = cfg.get("positions", "last") == "all"
 
+  def all_item_vectors(params, tables, rngs):
+    """config.loss.kind='full_softmax': every item's vector, once per step. [I, D] float32."""
+    return model.apply(params, jnp.arange(num_items, dtype=jnp.int32), tables, True, method=model.encode_items,
+                       rngs=rngs).astype(jnp.float32)
+
   def _all_positions_loss(params, batch, tables, rngs, rng_neg, cdf, log_q, temperature):
     """SASRec's objective: the vector of every history prefix against the item that followed it
     (`position_targets`), one sampled softmax over the B x L valid positions with shared negatives."""
@@ -283,9 +291,8 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     pos_ids = targets.reshape(-1)
     flat_users = users.reshape(b * length, -1).astype(jnp.float32)
     if cfg.kind == "full_softmax":
-      items = model.apply(params, jnp.arange(num_items, dtype=jnp.int32), tables, True, method=model.encode_items,
-                          rngs=rngs).astype(jnp.float32)
-      loss, logits = losses.full_softmax_loss(flat_users, items, pos_ids, temperature)
+      loss, logits = losses.full_softmax_loss(flat_users, all_item_vectors(params, tables, rngs), pos_ids,
+                                              temperature)
       correct = (jnp.argmax(logits, axis=1) == pos_ids).astype(jnp.float32)
     else:
       neg_ids = losses.sample_negatives(rng_neg, cdf, num_neg)
@@ -323,9 +330,7 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     elif cfg.kind == "in_batch":
       pos = model.apply(params, pos_ids, tables, True, method=model.encode_items, rngs=rngs).astype(jnp.float32)
     elif cfg.kind == "full_softmax":
-      # Every item's vector once per step; the positives are rows of it.
-      all_items = model.apply(params, jnp.arange(num_items, dtype=jnp.int32), tables, True,
-                              method=model.encode_items, rngs=rngs).astype(jnp.float32)
+      all_items = all_item_vectors(params, tables, rngs)  # the positives are rows of it
       pos = all_items[pos_ids]
     else:
       raise configs.ConfigError(f"config.loss.kind={cfg.kind!r} is unknown: use one of {LOSSES}")
@@ -333,9 +338,6 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     serve_scores = None
     if multi:
       interests, mask = users
-      if train_equals_serve and cfg.kind == "full_softmax":
-        raise configs.ConfigError("config.loss.kind='full_softmax' is not wired for train-equals-serve "
-                                  "multi-interest models: use 'sampled_softmax'")
       if train_equals_serve and cfg.kind == "sampled_softmax":
         # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
         scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
