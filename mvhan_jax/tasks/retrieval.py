@@ -715,11 +715,18 @@ def dense_user(config, exp, workdir, user) -> int:
     except (TypeError, ValueError):
       raise UnknownUserError(f"--user={user!r} is not a dense user index: give an integer in "
                              f"0..{exp.data.num_users - 1} (MovieLens: the raw user id - 1)") from None
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   path = wd.path(workdir) / "ids" / "users.parquet"
   if wd.exists(path):
-    with path.open("rb") as f:
-      raw = [str(v) for v in pq.read_table(f).column("raw_id").to_pylist()]
+    # An Arrow-owned copy of the bytes, not a Python file or bytes object: Arrow's scan threads drop
+    # their reference to the source after the read, and dropping a Python object takes the GIL, which
+    # aborts the process when the interpreter is exiting by then ("terminate called without an active
+    # exception", apache/arrow#34314; seen after a --user error exits at once).
+    data = path.read_bytes()
+    buf = pa.allocate_buffer(len(data))
+    np.frombuffer(buf, np.uint8)[:] = np.frombuffer(data, np.uint8)
+    raw = [str(v) for v in pq.read_table(pa.BufferReader(buf)).column("raw_id").to_pylist()]
   else:
     raw = [str(v) for v in exp.raw_user_ids]
   key = str(user).strip()
