@@ -39,7 +39,7 @@ EXAMPLES = {
     "mind_synthetic_1m": _MIND,
     "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
-    "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled"},
+    "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled", "behaviour": "causal"},
     "mvhan_synthetic": {**_MVHAN, "softmax": "sampled"},
     "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",

@@ -161,6 +161,83 @@ def test_last_token_readout_reads_the_most_recent_behaviour_slot():
     _shapes(_model(last_token_readout=True, num_behaviour_tokens=0))
 
 
+def test_causal_behaviour_encoder_vector_of_every_prefix():
+  """behaviour_encoder='causal': the vector at history position p is the tower's user vector of the
+  prefix history[:p+1] (profile and id included), later items change only later positions, and the
+  'tokens' tower refuses encode_positions."""
+  model = _model(behaviour_encoder="causal", maxlen=5, causal_dropout=0.1, last_token_readout=True)
+  params = _draw(_shapes(model))
+  assert "causal_0" in params["params"] and model.encodes_positions and not _model().encodes_positions
+  positions = jax.jit(lambda p, b: model.apply(p, b, TABLES, method=model.encode_positions))
+  users = jax.jit(lambda p, b: model.apply(p, b, TABLES, method=model.encode_users))
+  full = {**BATCH, "history": jnp.array([[1, 2, 3, 4, 5]] * 3), "history_len": jnp.array([5, 5, 5])}
+  seq, valid = positions(params, full)
+  assert seq.shape == (3, 5, D) and bool(valid.all())
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(seq), axis=-1), 1.0, rtol=1e-5)
+  rng = np.random.default_rng(0)
+  for p in range(5):
+    prefix = {**full, "history_len": jnp.full((3,), p + 1)}
+    np.testing.assert_allclose(np.asarray(users(params, prefix)), np.asarray(seq[:, p]), atol=1e-5)
+    hist = np.asarray(full["history"]).copy()
+    hist[:, p + 1:] = rng.integers(0, I, (3, 4 - p))
+    seq2, _ = positions(params, {**full, "history": jnp.asarray(hist)})
+    np.testing.assert_allclose(np.asarray(seq2[:, :p + 1]), np.asarray(seq[:, :p + 1]), atol=1e-6)
+    if p < 4:
+      assert not np.allclose(np.asarray(seq2[:, p + 1:]), np.asarray(seq[:, p + 1:]))
+  # Same history, different users (id and age): different vectors. Empty history: finite, and
+  # padding beyond history_len is never read.
+  assert not np.allclose(np.asarray(seq[0]), np.asarray(seq[1]))
+  empty = np.asarray(users(params, BATCH))[2]
+  noisy = {**BATCH, "history": BATCH["history"].at[2].set(jnp.array([3, 1, 4, 1, 5]))}
+  np.testing.assert_allclose(np.asarray(users(params, noisy))[2], empty, atol=1e-6)
+  # Training mode draws the encoder's dropout.
+  a, b = (model.apply(params, full, TABLES, True, method=model.encode_users, rngs={"dropout": jax.random.key(k)})
+          for k in (1, 2))
+  assert not np.allclose(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="behaviour_encoder='causal'"):
+    _model().apply(_draw(_shapes(_model())), BATCH, TABLES, method=MVHAN.encode_positions)
+  with pytest.raises(ValueError, match="maxlen"):
+    _model(behaviour_encoder="causal", maxlen=3).apply(params, full, TABLES, method=MVHAN.encode_users)
+  with pytest.raises(ValueError, match="behaviour_encoder"):
+    _shapes(_model(behaviour_encoder="gru"))
+
+
+def test_causal_tower_learns_a_transition_map_at_every_position():
+  """A learning signal: sequences that walk 0 -> 1 -> ... -> 7 -> 0 from a random start; trained with
+  the all-positions cross-entropy, the causal tower predicts the next item at every position."""
+  model = _model(behaviour_encoder="causal", maxlen=6, causal_dropout=0.0, user_id_token=False)
+  rng = np.random.default_rng(0)
+  start = rng.integers(0, I, 64)
+  history = jnp.asarray((start[:, None] + np.arange(6)[None]) % I)
+  batch = {"user": jnp.asarray(rng.integers(0, 3, 64)), "history": history,
+           "history_len": jnp.asarray(rng.integers(1, 7, 64)), "target": jnp.zeros(64, jnp.int32)}
+  nxt = (history + 1) % I
+
+  def loss_fn(p):
+    users, valid = model.apply(p, batch, TABLES, method=model.encode_positions)
+    items = model.apply(p, jnp.arange(I), TABLES, method=model.encode_items)
+    logits = users @ items.T / 0.1
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, nxt)
+    return jnp.sum(ce * valid) / valid.sum(), (jnp.argmax(logits, -1) == nxt, valid)
+
+  params = model.init(KEY, batch, TABLES)
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(p, o):
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss, aux
+
+  first = None
+  for _ in range(150):
+    params, opt, loss, (hit, valid) = step(params, opt)
+    first = float(loss) if first is None else first
+  acc = float(jnp.sum(hit * valid) / valid.sum())
+  assert float(loss) < 0.2 * first and acc > 0.95, (first, float(loss), acc)
+
+
 def test_real_init_creates_every_per_type_copy():
   model = _model(**VARIANTS["exclusive"])
   params = jax.jit(model.init)(KEY, BATCH, TABLES)  # BATCH's targets are all type 1

@@ -139,6 +139,21 @@ def test_full_softmax_is_refused_where_it_is_not_wired():
     rtask.build_experiment(cfg)
 
 
+def test_all_positions_loss_needs_the_causal_behaviour_encoder():
+  cfg = _config("smoke")
+  cfg.loss.positions = "all"
+  with pytest.raises(ValueError, match="behaviour_encoder='causal'"):
+    rtask.build_experiment(cfg)
+  cfg = _config("smoke,behaviour=causal")
+  assert cfg.loss.positions == "all" and cfg.train_examples == "windows"
+  exp = rtask.build_experiment(cfg)
+  assert exp.model.encodes_positions
+  with pytest.raises(ValueError, match="behaviour=causal applies to model=mvhan"):
+    _config("smoke,model=mv_dnn,behaviour=causal")
+  with pytest.raises(ValueError, match="excludes 'typed'"):
+    _config("smoke,typed,behaviour=causal")
+
+
 def test_pooled_two_tower_on_typed_data_uses_all_items_as_negatives():
   cfg = _config("smoke,model=two_tower")
   exp = rtask.build_experiment(cfg)

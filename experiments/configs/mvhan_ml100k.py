@@ -30,6 +30,12 @@ Arguments after ':' (comma-separated key=value or flags):
                                  10 behaviour tokens, 128 negatives (experiments/mvhan_table.py)
   smoke                          a few steps of a small model, for tests
   dataset=ml100k|ml1m            MovieLens-1M (same genre-family rule): configs.set_movielens_dataset
+  behaviour=tokens|causal        the user tower's behaviour input: the paper's pooled history + 20
+                                 recent behaviours as field tokens (default), or 'causal': one token,
+                                 a causal self-attention encoder over the history (SASRec's block,
+                                 model.behaviour_encoder), trained at every history position on
+                                 SASRec's windows with SASRec's full-softmax budget (batch 128, 4,000
+                                 steps, evaluated every 400)
 Every run also reports per-type metrics with the ranking restricted to the target's type
 ('valid/family/HR@50', 'valid/niche/AUC', ...) and their mean over the target types ('targets/...').
 Expected result: experiments/results/mvhan_ml100k.md (the paper-shape rows, sampled softmax) and,
@@ -42,7 +48,7 @@ import ml_collections
 from mvhan_jax import configs
 
 ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
-        "learn_temperature", "softmax=", "smoke", "dataset=")
+        "learn_temperature", "softmax=", "smoke", "dataset=", "behaviour=")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,6 +86,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = m
   else:
     raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
+  behaviour = args.get("behaviour", "tokens")
+  if behaviour not in ("tokens", "causal"):
+    raise configs.ConfigError(f"mvhan_ml100k.py: behaviour={behaviour!r} is unknown: use 'tokens' or 'causal'")
+  if behaviour == "causal":
+    if name != "mvhan":
+      raise configs.ConfigError("mvhan_ml100k.py: behaviour=causal applies to model=mvhan only")
+    if {"typed", "single"} & set(args):
+      raise configs.ConfigError("mvhan_ml100k.py: behaviour=causal trains SASRec's windows over all types; it "
+                                "excludes 'typed' and 'single=' (drop them, or drop behaviour=causal)")
+    c.model.behaviour_encoder = "causal"
+    c.model.maxlen = c.get_ref("maxlen")
+    c.model.causal_blocks = 1      # SASRec's tuned encoder (experiments/results/sasrec_tuning.md)
+    c.model.causal_heads = 1
+    c.model.causal_dropout = 0.2
+    c.loss.positions = "all"       # every history prefix against the item that followed it
+    c.train_examples = "windows"
   if "typed" in args and "pooled" in args:
     raise configs.ConfigError("mvhan_ml100k.py: 'typed' and 'pooled' exclude each other; give one")
   if "typed" in args:
@@ -112,6 +134,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # test HR@10 0.162 -> 0.171 and the model's use of the last item (experiments/order_probe.py).
     c.loss.kind = "full_softmax"
   c.select_metric = "NDCG@10"
+  if behaviour == "causal" and not smoke:
+    # SASRec's full-softmax budget (sasrec_ml100k.py:softmax=full), so the two compare at equal steps.
+    c.batch_size = 128
+    c.total_steps = 4000
+    c.eval_every_steps = c.checkpoint_every_steps = 400
+    c.early_stopping_patience = 5
   if smoke:
     c.batch_size = 64
   return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

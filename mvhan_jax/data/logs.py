@@ -54,6 +54,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mvhan_jax import errors
+from mvhan_jax import workdir as wd
 from mvhan_jax.data import protocol
 from mvhan_jax.data.types import InteractionData
 
@@ -840,6 +841,16 @@ def load(folder: str, name: str = "interactions") -> InteractionData:
       rating=ev.get("rating"), item_titles=titles)
 
 
-def raw_ids(folder: str, what: str) -> list:
-  """The raw ids of users or items in dense-id order."""
-  return pq.read_table(os.path.join(folder, f"{what}s.parquet")).column("raw_id").to_pylist()
+def raw_ids(folder, what: str) -> list:
+  """The raw ids of users or items in dense-id order, from ``<folder>/<what>s.parquet``; ``folder``
+  is a local path or any `etils.epath` folder (a workdir's ``ids/`` on a bucket).
+
+  Arrow reads an Arrow-owned copy of the file's bytes, never a Python file or bytes object: Arrow's
+  scan threads drop their reference to the source after the read, and dropping a Python object takes
+  the GIL, which aborts the process if the interpreter is exiting by then ("terminate called without
+  an active exception", apache/arrow#34314; seen when a --user error exits at once).
+  """
+  data = (wd.path(folder) / f"{what}s.parquet").read_bytes()
+  buf = pa.allocate_buffer(len(data))
+  np.frombuffer(buf, np.uint8)[:] = np.frombuffer(data, np.uint8)
+  return pq.read_table(pa.BufferReader(buf)).column("raw_id").to_pylist()

@@ -9,6 +9,14 @@ components (embedding layer, FEL, MRL, parameter sharing) and its Table 3 ablati
   + the last ``num_behaviour_tokens`` behaviours as tokens, each = item-id embedding + a learned
   position embedding (position = distance from the most recent behaviour). The order of the history
   carries much of the signal on MovieLens (issue 4), which a single pooled field cannot express.
+  ``behaviour_encoder='causal'`` (an extension, not the paper's) replaces the pooled and recent
+  behaviour tokens by one token: the output, at the most recent position, of a causal self-attention
+  encoder over the whole history window (SASRec's pre-LN blocks over the shared item-id embeddings
+  scaled by sqrt(D) plus absolute positions). Position p of that encoder depends on
+  ``history[:p+1]`` only, so ``encode_positions`` gives the user vector of every prefix in one pass
+  and the tower trains on SASRec's all-positions objective while the FEL still crosses the sequence
+  state with the user's id and profile fields (``experiments/results/mvhan_quality.md`` says why:
+  the paper's tokens tower never learnt the last item -> next item map that SASRec reads).
 - FEL: ``fel_layers`` AutoInt-style self-attention blocks over the field tokens, pre-norm:
   ``x = x + Dropout(MHSA(LayerNorm(x)))``, and one final LayerNorm. Pre-norm keeps the residual path
   an identity, so stacking trains without warmup. Padded behaviour tokens are key-masked (never
@@ -54,8 +62,10 @@ import jax.numpy as jnp
 from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
+from mvhan_jax.models.sasrec import _Block as CausalBlock
 
 TYPE_FIELD = "type"
+BEHAVIOUR_ENCODERS = ("tokens", "causal")
 _INIT = nn.initializers.normal(0.05)
 
 
@@ -221,6 +231,13 @@ class MVHAN(nn.Module):
       history only (a per-user table can memorise training targets instead of reading the history).
     last_token_readout: add a projection of the FEL output at the most recent behaviour's token to
       the user MRL's output (SASRec reads its user vector there; default off, the paper's tower).
+    behaviour_encoder: 'tokens' (the paper's embedding layer: pooled history + K recent behaviours
+      as field tokens) or 'causal': one behaviour token, the output of a causal self-attention
+      encoder over the history (SASRec's blocks) at the most recent position. 'causal' adds
+      ``encode_positions`` (the user vector of every history prefix, the retrieval task's
+      all-positions loss) and needs ``maxlen`` >= the history width.
+    maxlen / causal_blocks / causal_heads / causal_dropout: the causal encoder's position table,
+      depth, heads and dropout (read with behaviour_encoder='causal' only).
   """
 
   num_users: int
@@ -243,6 +260,11 @@ class MVHAN(nn.Module):
   tie_behaviour_embeddings: bool = True
   user_id_token: bool = True
   last_token_readout: bool = False
+  behaviour_encoder: str = "tokens"
+  maxlen: int = 50
+  causal_blocks: int = 1
+  causal_heads: int = 1
+  causal_dropout: float = 0.2
 
   def setup(self):
     if self.interaction not in ("mhsa", "mlp"):
@@ -252,6 +274,12 @@ class MVHAN(nn.Module):
                        "change one of them")
     if self.num_types < 1:
       raise ValueError(f"num_types={self.num_types} must be >= 1 (item feature 'type' holds 1..T)")
+    if self.behaviour_encoder not in BEHAVIOUR_ENCODERS:
+      raise ValueError(f"model.behaviour_encoder={self.behaviour_encoder!r} is unknown: use one of "
+                       f"{BEHAVIOUR_ENCODERS}")
+    causal = self.behaviour_encoder == "causal"
+    if causal and self.dim % self.causal_heads:
+      raise ValueError(f"model.dim={self.dim} is not divisible by model.causal_heads={self.causal_heads}")
     if self.num_behaviour_tokens < 0 or self.fel_layers < 0:
       raise ValueError("model.num_behaviour_tokens and model.fel_layers must be >= 0")
     if self.learn_temperature and self.init_temperature <= 0:
@@ -270,20 +298,31 @@ class MVHAN(nn.Module):
       self.user_id_embed = nn.Embed(self.num_users, self.dim, embedding_init=_INIT)
     if self.user_specs:
       self.user_fields = FieldEmbedding(self.user_specs, self.dim)
-    if self.num_behaviour_tokens:
+    if causal:
+      self.position_embed = nn.Embed(self.maxlen, self.dim, embedding_init=_INIT)
+      self.causal_encoder = [CausalBlock(self.dim, self.causal_heads, self.causal_dropout, "pre",
+                                         name=f"causal_{i}") for i in range(self.causal_blocks)]
+      self.causal_norm = nn.LayerNorm(epsilon=1e-8)
+      self.causal_input_dropout = nn.Dropout(self.causal_dropout)
+    elif self.num_behaviour_tokens:
       self.position_embed = nn.Embed(self.num_behaviour_tokens, self.dim, embedding_init=_INIT)
     if not self.tie_behaviour_embeddings:
       self.behaviour_embed = nn.Embed(self.num_items, self.dim, embedding_init=_INIT)
     self.user_fel = FEL(self.fel_layers, self.num_heads, self.interaction, self.dropout)
     self.user_mlp = MLP(tuple(self.mrl_hidden), self.dim, self.dropout)
     if self.last_token_readout:
-      if not self.num_behaviour_tokens or self.interaction != "mhsa":
+      if (not causal and not self.num_behaviour_tokens) or self.interaction != "mhsa":
         raise ValueError("model.last_token_readout needs behaviour tokens (num_behaviour_tokens > 0) and "
                          "interaction='mhsa'")
       self.last_readout = nn.Dense(self.dim, name="last_readout")
     if self.learn_temperature:
       self.log_temperature = self.param("log_temperature", nn.initializers.constant(
           math.log(self.init_temperature)), ())
+
+  @property
+  def encodes_positions(self) -> bool:
+    """Whether ``encode_positions`` exists for this configuration (behaviour_encoder='causal')."""
+    return self.behaviour_encoder == "causal"
 
   @property
   def content_specs(self) -> tuple[FeatureSpec, ...]:
@@ -313,20 +352,62 @@ class MVHAN(nn.Module):
       return emb
     return _select(emb, self.type_index(item_ids, tables))  # each item's own type's table
 
+  def _fixed_tokens(self, batch, tables) -> list[jax.Array]:
+    """The user-id token and the profile-field tokens: a list of [B, n, D]."""
+    fixed = [self.user_id_embed(batch["user"])[:, None, :]] if self.user_id_token else []
+    if self.user_specs:
+      fixed.append(self.user_fields(gather_rows(tables["user"], batch["user"])))  # [B, Fu, D]
+    return fixed
+
+  def _user_head(self, tokens: jax.Array, mask: jax.Array, readout_slot: int, train: bool) -> jax.Array:
+    """FEL -> MLP (-> + the read-out at ``readout_slot``) -> normalised. tokens [N, F, D] -> [N, D]."""
+    x = self.user_fel(tokens, mask, train)
+    out = self.user_mlp(x, train)
+    if self.last_token_readout:
+      # SASRec's read-out added to the MRL's: the FEL output at the most recent behaviour's slot
+      # (zeros for an empty history), projected.
+      D = self.dim
+      out = out + self.last_readout(x[:, readout_slot * D:(readout_slot + 1) * D])
+    return self._out(out)
+
+  def causal_sequence(self, batch, tables, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """behaviour_encoder='causal': the encoder's output at every history position ([B, L, D], zero
+    at padding) and valid [B, L]. Position p depends on ``history[:p+1]`` only (absolute positions
+    in the window, causal attention), as SASRec's ``encode_sequence``."""
+    history, history_len = batch["history"], batch["history_len"]
+    L = history.shape[1]
+    if L > self.maxlen:
+      raise ValueError(f"history width {L} exceeds model.maxlen={self.maxlen}: set model.maxlen >= config.maxlen")
+    valid = jnp.arange(L)[None, :] < history_len[:, None]
+    x = self.behaviour_embedding(history, tables) * jnp.sqrt(jnp.asarray(self.dim, jnp.float32))
+    x = x + self.position_embed(jnp.arange(L))[None]
+    keep = valid[..., None].astype(x.dtype)
+    x = self.causal_input_dropout(x, deterministic=not train) * keep
+    mask = nn.combine_masks(nn.make_causal_mask(history), nn.make_attention_mask(valid, valid))
+    for block in self.causal_encoder:
+      x = block(x, mask, train) * keep
+    return self.causal_norm(x) * keep, valid
+
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """MV-HAN user tower (embedding layer -> FEL -> MRL, shared by all types).
 
     batch: 'user' [B], 'history' [B, L], 'history_len' [B].
 
-    Tokens [B, 2 + Fu + K, D] = [user id, profile fields..., pooled history, K recent behaviours]
+    'tokens': [B, 2 + Fu + K, D] = [user id, profile fields..., pooled history, K recent behaviours];
+    'causal': [B, 2 + Fu, D] = [user id, profile fields..., the causal encoder at the newest item]
     -> FEL -> MLP -> [B, D].
     """
     history, history_len = batch["history"], batch["history_len"]
+    fixed = self._fixed_tokens(batch, tables)
+    if self.behaviour_encoder == "causal":
+      seq, valid = self.causal_sequence(batch, tables, train)
+      last = jnp.clip(history_len - 1, 0, seq.shape[1] - 1)
+      state = jnp.take_along_axis(seq, last[:, None, None], axis=1)  # [B, 1, D]
+      fixed = jnp.concatenate(fixed + [state], axis=1)
+      mask = jnp.ones(fixed.shape[:2], bool).at[:, -1].set(history_len > 0)
+      return self._user_head(fixed, mask, fixed.shape[1] - 1, train)
     L = history.shape[1]
     live = jnp.arange(L)[None, :] < history_len[:, None]  # [B, L]
-    fixed = [self.user_id_embed(batch["user"])[:, None, :]] if self.user_id_token else []
-    if self.user_specs:
-      fixed.append(self.user_fields(gather_rows(tables["user"], batch["user"])))  # [B, Fu, D]
     fixed.append(masked_mean(self.behaviour_embedding(history, tables), live)[:, None, :])
     fixed = jnp.concatenate(fixed, axis=1)
     tokens, mask = fixed, jnp.ones(fixed.shape[:2], bool)
@@ -336,14 +417,24 @@ class MVHAN(nn.Module):
       behaviours = self.behaviour_embedding(recent, tables) + self.position_embed(jnp.arange(K))[None]
       tokens = jnp.concatenate([fixed, behaviours], axis=1)
       mask = jnp.concatenate([mask, recent_mask], axis=1)
-    x = self.user_fel(tokens, mask, train)
-    out = self.user_mlp(x, train)
-    if self.last_token_readout:
-      # SASRec's read-out added to the MRL's: the FEL output at the most recent behaviour's slot
-      # (zeros for an empty history), projected.
-      n_fixed, D = fixed.shape[1], self.dim
-      out = out + self.last_readout(x[:, n_fixed * D:(n_fixed + 1) * D])
-    return self._out(out)
+    return self._user_head(tokens, mask, fixed.shape[1], train)
+
+  def encode_positions(self, batch: dict[str, jax.Array], tables, train: bool = False):
+    """behaviour_encoder='causal' only: the user vector of every history prefix ([B, L, D]; position
+    p equals ``encode_users`` of ``history[:p+1]``) and valid [B, L]: the retrieval task's
+    all-positions loss (``config.loss.positions='all'``)."""
+    if self.behaviour_encoder != "causal":
+      raise ValueError("MV-HAN's encode_positions needs model.behaviour_encoder='causal' (the 'tokens' tower "
+                       "has no vector per history position): set it, or config.loss.positions='last'")
+    seq, valid = self.causal_sequence(batch, tables, train)
+    B, L, D = seq.shape
+    fixed = self._fixed_tokens(batch, tables)
+    fixed = (jnp.concatenate(fixed, axis=1) if fixed else jnp.zeros((B, 0, D), seq.dtype))
+    tokens = jnp.concatenate([jnp.broadcast_to(fixed[:, None], (B, L) + fixed.shape[1:]), seq[:, :, None]], axis=2)
+    n = tokens.shape[2]
+    mask = jnp.ones((B, L, n), bool).at[:, :, -1].set(valid)
+    out = self._user_head(tokens.reshape(B * L, n, D), mask.reshape(B * L, n), n - 1, train)
+    return out.reshape(B, L, -1), valid
 
   def encode_items(self, item_ids: jax.Array, tables, train: bool = False) -> jax.Array:
     """MV-HAN content tower (embedding layer -> FEL -> the item's type's MRL head).
@@ -403,6 +494,11 @@ def _common_kwargs(cfg, spec: DataSpec, fel_layers_default: int) -> dict:
       tie_behaviour_embeddings=cfg.get("tie_behaviour_embeddings", True),
       user_id_token=cfg.get("user_id_token", True),
       last_token_readout=cfg.get("last_token_readout", False),
+      behaviour_encoder=cfg.get("behaviour_encoder", "tokens"),
+      maxlen=cfg.get("maxlen", 50),
+      causal_blocks=cfg.get("causal_blocks", 1),
+      causal_heads=cfg.get("causal_heads", 1),
+      causal_dropout=cfg.get("causal_dropout", 0.2),
   )
 
 

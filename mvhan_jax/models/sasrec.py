@@ -113,6 +113,8 @@ class SASRec(nn.Module):
     if self.norm == "pre":
       self.final_norm = nn.LayerNorm(epsilon=1e-8)
 
+  encodes_positions = True  # encode_positions: the retrieval task's all-positions loss
+
   def _out(self, x: jax.Array) -> jax.Array:
     return l2_normalize(x) if self.normalize else x
 

@@ -129,9 +129,10 @@ def build_experiment(config) -> Experiment:
   counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences if len(s)]), minlength=data.num_items)
   sampler = losses.make_sampler(config.loss.sampler, counts, config.loss.get("alpha", 0.75))
   model = models.build_model(config.model, data.spec)
-  if config.loss.get("positions", "last") == "all" and not hasattr(model, "encode_positions"):
+  if config.loss.get("positions", "last") == "all" and not getattr(model, "encodes_positions", False):
     raise configs.ConfigError(f"config.loss.positions='all' needs a model with a vector per history position "
-                              f"(encode_positions, e.g. 'sasrec'); {config.model.name!r} has none: set "
+                              f"(encode_positions: 'sasrec', or 'mvhan' with config.model.behaviour_encoder="
+                              f"'causal'); {config.model.name!r} as configured has none: set "
                               "config.loss.positions='last'")
   if config.loss.kind == "full_softmax" and getattr(model, "train_equals_serve", False):
     raise configs.ConfigError(f"config.loss.kind='full_softmax' is not wired for {config.model.name!r} trained "
@@ -715,18 +716,10 @@ def dense_user(config, exp, workdir, user) -> int:
     except (TypeError, ValueError):
       raise UnknownUserError(f"--user={user!r} is not a dense user index: give an integer in "
                              f"0..{exp.data.num_users - 1} (MovieLens: the raw user id - 1)") from None
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  path = wd.path(workdir) / "ids" / "users.parquet"
-  if wd.exists(path):
-    # An Arrow-owned copy of the bytes, not a Python file or bytes object: Arrow's scan threads drop
-    # their reference to the source after the read, and dropping a Python object takes the GIL, which
-    # aborts the process when the interpreter is exiting by then ("terminate called without an active
-    # exception", apache/arrow#34314; seen after a --user error exits at once).
-    data = path.read_bytes()
-    buf = pa.allocate_buffer(len(data))
-    np.frombuffer(buf, np.uint8)[:] = np.frombuffer(data, np.uint8)
-    raw = [str(v) for v in pq.read_table(pa.BufferReader(buf)).column("raw_id").to_pylist()]
+  from mvhan_jax.data import logs  # pylint: disable=import-outside-toplevel
+  ids = wd.path(workdir) / "ids"
+  if wd.exists(ids / "users.parquet"):
+    raw = [str(v) for v in logs.raw_ids(ids, "user")]
   else:
     raw = [str(v) for v in exp.raw_user_ids]
   key = str(user).strip()
