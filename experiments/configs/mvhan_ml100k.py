@@ -40,7 +40,9 @@ Every run also reports per-type metrics with the ranking restricted to the targe
 ('valid/family/HR@50', 'valid/niche/AUC', ...) and their mean over the target types ('targets/...').
 Expected result: experiments/results/mvhan_ml100k.md (the paper-shape rows, sampled softmax) and,
 for the default configuration (full softmax), test HR@10 0.171 ± 0.008 / NDCG@10 0.091 ± 0.004 /
-HR@50 0.445 ± 0.005 in ml100k.md (softmax=sampled: 0.162 / 0.084 / 0.446).
+HR@50 0.445 ± 0.005 in ml100k.md (softmax=sampled: 0.162 / 0.084 / 0.446). behaviour=causal, seed
+0: 0.173 / 0.091 / 0.430; with --config.model.user_id_token=False --config.model.dropout=0.2
+--config.model.last_token_readout=True: 0.180 / 0.095 / 0.466 (experiments/results/mvhan_quality.md).
 """
 
 import ml_collections
