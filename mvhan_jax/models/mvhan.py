@@ -62,7 +62,7 @@ import jax.numpy as jnp
 from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
-from mvhan_jax.models.sasrec import _Block as CausalBlock
+from mvhan_jax.models.sasrec import CausalBlock, causal_stack
 
 TYPE_FIELD = "type"
 BEHAVIOUR_ENCODERS = ("tokens", "causal")
@@ -381,12 +381,8 @@ class MVHAN(nn.Module):
     valid = jnp.arange(L)[None, :] < history_len[:, None]
     x = self.behaviour_embedding(history, tables) * jnp.sqrt(jnp.asarray(self.dim, jnp.float32))
     x = x + self.position_embed(jnp.arange(L))[None]
-    keep = valid[..., None].astype(x.dtype)
-    x = self.causal_input_dropout(x, deterministic=not train) * keep
-    mask = nn.combine_masks(nn.make_causal_mask(history), nn.make_attention_mask(valid, valid))
-    for block in self.causal_encoder:
-      x = block(x, mask, train) * keep
-    return self.causal_norm(x) * keep, valid
+    x = self.causal_input_dropout(x, deterministic=not train) * valid[..., None].astype(x.dtype)
+    return causal_stack(x, valid, self.causal_encoder, self.causal_norm, train), valid
 
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """MV-HAN user tower (embedding layer -> FEL -> MRL, shared by all types).

@@ -37,8 +37,9 @@ POSITIONS = ("absolute", "recency")
 NORMS = ("pre", "post")
 
 
-class _Block(nn.Module):
-  """One SASRec block: causal self-attention then the point-wise FFN, each with a residual."""
+class CausalBlock(nn.Module):
+  """One SASRec block: causal self-attention then the point-wise FFN, each with a residual (also MV-HAN's
+  causal behaviour encoder)."""
 
   dim: int
   num_heads: int
@@ -65,6 +66,23 @@ class _Block(nn.Module):
       x = nn.LayerNorm(epsilon=1e-8, name="attention_norm")(x + drop(attn(x, x, mask=mask)))
       x = nn.LayerNorm(epsilon=1e-8, name="ffn_norm")(x + ffn(x))
     return x
+
+
+def causal_stack(x: jax.Array, valid: jax.Array, blocks, final_norm, train: bool) -> jax.Array:
+  """The causal blocks over embedded inputs x [B, L, D] (padding already zeroed), valid bool [B, L];
+  ``final_norm`` (pre-LN) or None. Returns [B, L, D], zero at padding.
+
+  Causal and padding: query q attends to the keys k <= q with k < history_len. A padding query
+  (q >= history_len) still sees the valid keys, so nothing is all-masked unless history_len = 0 (then
+  flax's masked softmax is uniform, still finite); padding outputs are zeroed after every block.
+  """
+  keep = valid[..., None].astype(x.dtype)
+  mask = nn.combine_masks(nn.make_causal_mask(valid), nn.make_attention_mask(valid, valid))
+  for block in blocks:
+    x = block(x, mask, train) * keep
+  if final_norm is not None:
+    x = final_norm(x) * keep
+  return x
 
 
 class SASRec(nn.Module):
@@ -95,6 +113,7 @@ class SASRec(nn.Module):
   normalize: bool = True
   item_fields: bool = False
   scale_embeddings: bool = True
+  encodes_positions = True  # encode_positions: the retrieval task's all-positions loss
 
   def setup(self):
     if self.norm not in NORMS:
@@ -107,13 +126,11 @@ class SASRec(nn.Module):
     self.position_embed = nn.Embed(self.maxlen, self.dim, embedding_init=nn.initializers.normal(0.05))
     if self.item_fields and self.item_specs:
       self.item_field_embed = FieldEmbedding(self.item_specs, self.dim)
-    self.blocks = [_Block(self.dim, self.num_heads, self.dropout, self.norm, name=f"block_{i}")
+    self.blocks = [CausalBlock(self.dim, self.num_heads, self.dropout, self.norm, name=f"block_{i}")
                    for i in range(self.num_blocks)]
     self.input_dropout = nn.Dropout(self.dropout)
     if self.norm == "pre":
       self.final_norm = nn.LayerNorm(epsilon=1e-8)
-
-  encodes_positions = True  # encode_positions: the retrieval task's all-positions loss
 
   def _out(self, x: jax.Array) -> jax.Array:
     return l2_normalize(x) if self.normalize else x
@@ -148,15 +165,7 @@ class SASRec(nn.Module):
     x = self.input_dropout(x, deterministic=not train)
     keep = valid[..., None].astype(x.dtype)
     x = x * keep
-    # Causal and padding: query q attends to the keys k <= q with k < history_len. A padding query
-    # (q >= history_len) still sees the valid keys, so nothing is all-masked unless history_len = 0
-    # (then flax's masked softmax is uniform, still finite); padding outputs are zeroed below.
-    mask = nn.combine_masks(nn.make_causal_mask(history), nn.make_attention_mask(valid, valid))
-    for block in self.blocks:
-      x = block(x, mask, train) * keep
-    if self.norm == "pre":
-      x = self.final_norm(x) * keep
-    return x, valid
+    return causal_stack(x, valid, self.blocks, self.final_norm if self.norm == "pre" else None, train), valid
 
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """batch: 'history' [B, L], 'history_len' [B] ('user' is not read). Returns [B, D]: the output at
