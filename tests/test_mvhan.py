@@ -161,6 +161,26 @@ def test_last_token_readout_reads_the_most_recent_behaviour_slot():
     _shapes(_model(last_token_readout=True, num_behaviour_tokens=0))
 
 
+def test_item_id_residual_adds_the_shared_id_embedding_to_the_head():
+  """item_id_residual: content vector = normalise(type head + id embedding); with every head's last
+  layer zeroed it is the normalised id row, the same table the behaviour tokens read."""
+  for variant in ("shared", "exclusive"):
+    model = _model(item_id_residual=True, **VARIANTS[variant])
+    params = _draw(_shapes(model))
+    items = jax.jit(lambda p: model.apply(p, jnp.arange(I), TABLES, method=model.encode_items))
+    plain = _model(**VARIANTS[variant])
+    with_head = np.asarray(items(params))
+    assert not np.allclose(with_head, np.asarray(plain.apply(params, jnp.arange(I), TABLES, method=plain.encode_items)),
+                           atol=1e-3)
+    off = _copy(params)
+    heads = off["params"]["content_heads"]
+    last = sorted(heads)[-1]
+    heads[last] = jax.tree_util.tree_map(jnp.zeros_like, heads[last])
+    ids = np.asarray(model.apply(off, jnp.arange(I), TABLES, method=model.behaviour_embedding))
+    np.testing.assert_allclose(np.asarray(items(off)), ids / np.linalg.norm(ids, axis=-1, keepdims=True),
+                               atol=1e-5)
+
+
 def test_causal_behaviour_encoder_vector_of_every_prefix():
   """behaviour_encoder='causal': the vector at history position p is the tower's user vector of the
   prefix history[:p+1] (profile and id included), later items change only later positions, and the

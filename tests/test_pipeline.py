@@ -126,3 +126,25 @@ def test_movielens_train_source_and_tfds_batches_agree(built):
     for k in ex:
       np.testing.assert_array_equal(x[k], y[k])
       assert x[k].dtype == y[k].dtype == np.int32
+
+
+def test_processes_that_find_the_cache_missing_together_build_it_once(tmp_path):
+  # Without the cache lock the second finisher's rename onto the first's folder fails (FileExistsError).
+  try:
+    movielens.load_movielens_100k()
+  except RuntimeError as e:
+    pytest.skip(f"MovieLens-100k unavailable: {e}")
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path)
+  shutil.copytree(os.path.join(movielens.default_data_dir(), "ml-100k"), os.path.join(root, "ml-100k"))
+  code = ("import sys; from mvhan_jax.data import pipeline; "
+          "print(len(pipeline.movielens_train_source(sys.argv[1], 20)))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  want = len(protocol.training_examples(protocol.leave_one_out(movielens.load_movielens_100k(root)).train_sequences,
+                                        20)["target"])
+  assert [int(out.split()[-1]) for out, _ in outs] == [want, want]

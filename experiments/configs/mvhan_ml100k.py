@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.tie_behaviour_embeddings = True  # False: the user tower's own id table for history items
     m.user_id_token = True             # False: no user-id field (profile + history only)
     m.last_token_readout = False       # True: + the FEL output at the most recent behaviour (SASRec's read-out)
+    m.item_id_residual = False         # True: content vector = type head + the item's id embedding
     if name == "mvhan":
       m.fel_layers = 1 if smoke else 2
       m.share_embeddings = "exclusive_embeddings" not in args

@@ -19,7 +19,9 @@ files when they were built, and rebuilds a cache that fails it, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -169,14 +171,39 @@ def _read_checked(data_dir: str | None, maxlen: int, load) -> tuple[dict[str, np
   return arrays, None
 
 
+@contextlib.contextmanager
+def _cache_lock(data_dir: str | None, maxlen: int):
+  """An exclusive lock (``fcntl.flock``) on this maxlen's cache, held across processes.
+
+  Two processes that find the cache missing (two test workers, a training run started beside
+  another on a fresh machine) would otherwise both build it, and the second's rename of its
+  finished folder onto the first's fails (TFDS: ``FileExistsError``). With the lock the second
+  waits, then finds the cache prepared and only reads it.
+  """
+  root = tfds_dir(data_dir)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{NAME}.maxlen_{maxlen}.lock"), "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_arrays(load, data_dir: str | None = None, maxlen: int = DEFAULT_MAXLEN) -> dict[str, np.ndarray]:
   """The ``train`` split as in-memory arrays, built if missing, checked against the sha256 recorded
   beside the cache when it was built. A cache that cannot be read or fails the check is deleted and
   rebuilt (~10 s, from the raw files) with a printed warning; the rebuilt one must pass, else the
-  error names the folder to delete.
+  error names the folder to delete. Build, check and rebuild hold a lock on the cache, so processes
+  started together build it once.
 
   load: reads a data source into arrays (`pipeline.load_arrays`, passed in: pipeline imports this).
   """
+  with _cache_lock(data_dir, maxlen):
+    return _train_arrays_unlocked(load, data_dir, maxlen)
+
+
+def _train_arrays_unlocked(load, data_dir: str | None, maxlen: int) -> dict[str, np.ndarray]:
   from mvhan_jax import artifacts  # pylint: disable=import-outside-toplevel
   arrays, problem = _read_checked(data_dir, maxlen, load)
   if problem is None:

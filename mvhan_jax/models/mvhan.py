@@ -231,6 +231,9 @@ class MVHAN(nn.Module):
       history only (a per-user table can memorise training targets instead of reading the history).
     last_token_readout: add a projection of the FEL output at the most recent behaviour's token to
       the user MRL's output (SASRec reads its user vector there; default off, the paper's tower).
+    item_id_residual: add the item's id embedding (the table behaviour tokens read) to its type
+      head's output before normalising, so the score keeps SASRec's direct path from the shared id
+      table to the logit (default off, the paper's content tower).
     behaviour_encoder: 'tokens' (the paper's embedding layer: pooled history + K recent behaviours
       as field tokens) or 'causal': one behaviour token, the output of a causal self-attention
       encoder over the history (SASRec's blocks) at the most recent position. 'causal' adds
@@ -260,6 +263,7 @@ class MVHAN(nn.Module):
   tie_behaviour_embeddings: bool = True
   user_id_token: bool = True
   last_token_readout: bool = False
+  item_id_residual: bool = False
   behaviour_encoder: str = "tokens"
   maxlen: int = 50
   causal_blocks: int = 1
@@ -347,6 +351,11 @@ class MVHAN(nn.Module):
     own table when ``tie_behaviour_embeddings=False``). [...] -> [..., D]."""
     if not self.tie_behaviour_embeddings:
       return self.behaviour_embed(item_ids)
+    return self.item_id_embedding(item_ids, tables)
+
+  def item_id_embedding(self, item_ids: jax.Array, tables) -> jax.Array:
+    """The content tower's id embedding of items (each item's own type's table when embeddings are
+    exclusive). [...] -> [..., D]."""
     emb = self.content_embed.embed_ids(item_ids)
     if self.share_embeddings:
       return emb
@@ -446,7 +455,10 @@ class MVHAN(nn.Module):
     x = self.content_fel(tokens, mask, train)  # [N, F*D], or [T, N, F*D] if one FEL per type
     if not self.share_fel:
       x = _select(x, type_idx)
-    return self._out(_select(self.content_heads(x, train), type_idx))  # heads: [T, N, D]
+    out = _select(self.content_heads(x, train), type_idx)  # heads: [T, N, D]
+    if self.item_id_residual:
+      out = out + self.item_id_embedding(item_ids, tables)
+    return self._out(out)
 
   def __call__(self, batch, tables, train: bool = False):
     """Creates every parameter (all T per-type copies, whatever types the batch holds).
@@ -490,6 +502,7 @@ def _common_kwargs(cfg, spec: DataSpec, fel_layers_default: int) -> dict:
       tie_behaviour_embeddings=cfg.get("tie_behaviour_embeddings", True),
       user_id_token=cfg.get("user_id_token", True),
       last_token_readout=cfg.get("last_token_readout", False),
+      item_id_residual=cfg.get("item_id_residual", False),
       behaviour_encoder=cfg.get("behaviour_encoder", "tokens"),
       maxlen=cfg.get("maxlen", 50),
       causal_blocks=cfg.get("causal_blocks", 1),
