@@ -24,7 +24,8 @@ on the test users (mvhan_jax/interest_stats.py):
       --single_config=experiments/configs/mind_ml100k.py:model=mind,K=1,dataset=ml1m \
       --single_workdir=runs/ml1m_table/<mind1>/seed0 --single_workdir=runs/ml1m_table/<mind1>/seed1
 
-Prints a markdown table (mean ± std over the seeds); --out appends it to a file.
+Prints a markdown table (mean ± std over the seeds); --out writes it, with the command, as the block
+--section of a results file.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mvhan_jax import configs
 from mvhan_jax import errors
 from mvhan_jax import evaluation
 from mvhan_jax import interest_stats
+from mvhan_jax import report
 from mvhan_jax.ranking import candidates
 from mvhan_jax.tasks import retrieval as rtask
 
@@ -48,7 +50,9 @@ flags.DEFINE_string("single_config", None, "Optional: the single-vector twin's c
 flags.DEFINE_multi_string("single_workdir", [], "A workdir of the twin; repeat the flag, one per seed.")
 flags.DEFINE_string("diversity_field", "genres", "Multi-valued item field whose distinct values in the "
                     "history window measure a user's diversity ('' to skip).")
-flags.DEFINE_string("out", "", "Append the table to this markdown file.")
+flags.DEFINE_string("out", "", "Write the table, with the command, into this markdown file as the block "
+                    "--section (replaced when present, so table scripts that rewrite the file keep it).")
+flags.DEFINE_string("section", "interest_probe", "Name of the block in --out.")
 FLAGS = flags.FLAGS
 
 
@@ -178,8 +182,13 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   print(text)
   if FLAGS.out:
-    with open(FLAGS.out, "a", encoding="utf-8") as f:
-      f.write("\n" + text)
+    command = ["python experiments/interest_probe.py", f"--config={FLAGS.config}"]
+    command += [f"--workdir={w}" for w in FLAGS.workdir]
+    if FLAGS.single_config:
+      command += [f"--single_config={FLAGS.single_config}"] + [f"--single_workdir={w}" for w in FLAGS.single_workdir]
+    command += [f"--out={FLAGS.out}", f"--section={FLAGS.section}"]
+    report.write_section(FLAGS.out, FLAGS.section,
+                         text + "\n```bash\n" + " \\\n    ".join(command) + "\n```\n")
 
 
 def _main(argv):

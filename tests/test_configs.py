@@ -17,7 +17,7 @@ CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(C
 
 # Each file's args with an example value (None: a flag), chosen to differ from the default so that a
 # silently ignored arg shows up as an unchanged config. Must list exactly the file's ARGS.
-_MIND = {"model": "comirec_sa", "K": "2", "power": "2.0", "axis": "behaviours", "smoke": None}
+_MIND = {"model": "comirec_sa", "K": "2", "power": "2.0", "axis": "behaviours", "smoke": None, "recency": None}
 _ML1M = {"dataset": "ml1m"}  # MovieLens configs only
 _MULTITOWER = {"extractor": "comirec_sa", "K": "2", "tower": "single", "readout": "argmax", "score": "lse",
                "lse_t": "0.5", "repel": "infonce", "lam": "0.3", "margin": "0.1", "protocol": "comirec",
@@ -97,7 +97,8 @@ COMBINATIONS = [
     ("mind_synthetic_1m", "model=mind,K=4,smoke"), ("two_tower_synthetic", "recency,smoke"),
     ("two_tower_ml100k", "recency,dataset=ml1m"), ("mind_ml100k", "model=mind,K=1,dataset=ml1m"),
     ("mind_ml100k", "model=comirec_sa,dataset=ml1m"), ("mind_ml100k", "model=comirec_dr,dataset=ml1m"),
-    ("mvhan_ml100k", "smoke,dataset=ml1m"),
+    ("mvhan_ml100k", "smoke,dataset=ml1m"), ("mind_ml100k", "model=mind,recency,dataset=ml1m"),
+    ("mind_ml100k", "model=mind,K=1,recency,dataset=ml1m"),
 ]
 
 

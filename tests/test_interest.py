@@ -363,3 +363,27 @@ def test_mind_routing_uses_the_routing_rng_and_config_errors_are_clear(mind_mode
     mind.MODELS["mind"](_cfg("mind", softmax_axis="rows"), _data().spec).init(RNGS, BATCH, TABLES)
   with pytest.raises(ValueError, match="model.label_power"):
     mind.MODELS["mind"](_cfg("mind", label_power="soft"), _data().spec)
+
+
+def test_mind_recency_weights_start_as_the_paper_and_learn_from_the_order():
+  cfg = _cfg("mind", recency_weights=True)
+  model = mind.MODELS["mind"](cfg, _data().spec)
+  plain, plain_params = _build("mind", 4)
+  params = jax.jit(model.init)(RNGS, BATCH, TABLES)
+  assert params["params"]["recency_logits"].shape == (8,)  # maxlen distances, zero at init
+  # The same parameters but the recency logits: identical interests (all weights 1 at init).
+  shared = {"params": {**plain_params["params"], "recency_logits": params["params"]["recency_logits"]}}
+  enc = jax.jit(lambda p, b: model.apply(p, b, TABLES, rngs={"routing": jax.random.key(5)},
+                                         method=model.encode_users)[0])
+  want = plain.apply(plain_params, BATCH, TABLES, rngs={"routing": jax.random.key(5)}, method=plain.encode_users)[0]
+  np.testing.assert_allclose(np.asarray(enc(shared, BATCH)), np.asarray(want), rtol=1e-5, atol=1e-6)
+  # Weighting the newest behaviour (distance 0) moves user 0's interests; padding still changes nothing.
+  tilted = {"params": {**shared["params"], "recency_logits": jnp.zeros(8).at[0].set(3.0)}}
+  moved = np.asarray(enc(tilted, BATCH))
+  assert not np.allclose(moved[0], np.asarray(want)[0], atol=1e-3)
+  padded = np.asarray(enc(tilted, dict(BATCH, history=HIST.at[1, 3:].set(8))))
+  np.testing.assert_allclose(padded, moved, rtol=1e-5, atol=1e-6)
+  # The logits are trained: the loss reaches them through routing.
+  g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, BATCH, TABLES, rngs={"routing": jax.random.key(3)})[0]
+                                          * jnp.arange(8.0))))(params)
+  assert float(jnp.abs(g["params"]["recency_logits"]).sum()) > 0

@@ -268,3 +268,20 @@ def test_mind_without_profile_features_trains_finite(tmp_path):
   c.index.build = False
   results = tasks.train_and_evaluate(c, str(tmp_path / "run"))
   assert np.isfinite(results["test"]["HR@10"])
+
+
+def test_two_processes_converting_one_log_together_both_get_it(tmp_path):
+  # Without the lock in logs.convert the second process removes the first's temporary folder or
+  # renames onto its finished one.
+  path = _small_log(tmp_path, rows=planted_log(n_users=3000, length=8))
+  cache = tmp_path / "cache"
+  code = ("import sys; from mvhan_jax.data import logs; "
+          "spec = logs.LogSpec(path=sys.argv[1], user_column='member', item_column='sku', "
+          "time_column='clicked_at', maxlen=5); "
+          "print(logs.read_manifest(logs.convert(spec, sys.argv[2], quiet=True))['counts']['users'])")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(cache)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert [out.split()[-1] for out, _ in outs] == ["3000", "3000"]

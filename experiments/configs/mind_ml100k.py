@@ -12,6 +12,8 @@ Arguments after ':' (comma-separated key=value or flags):
   axis=interests|behaviours          routing softmax axis (MIND follows the paper: interests)
   smoke                              120 steps of a small model, for tests
   dataset=ml100k|ml1m                MovieLens-1M: see configs.set_movielens_dataset
+  recency                            MIND: learned per-distance behaviour weights before routing
+                                     (model.recency_weights; the paper's routing is order-blind)
 Expected result: experiments/results/ml100k.md (mean ± std over 3 seeds).
 """
 
@@ -19,7 +21,7 @@ import ml_collections
 
 from mvhan_jax import configs
 
-ARGS = ("model=", "K=", "power=", "axis=", "smoke", "dataset=")
+ARGS = ("model=", "K=", "power=", "axis=", "smoke", "dataset=", "recency")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.maxlen = c.get_ref("maxlen")
   m.normalize = True
   m.dropout = 0.0
+  m.recency_weights = "recency" in args  # MIND only
   m.num_interests = int(args.get("K", 4))
   m.routing_iterations = 3
   m.routing_sigma = 1.0

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from mvhan_jax import errors
 from mvhan_jax import workdir as wd
-from mvhan_jax.data import protocol
+from mvhan_jax.data import locks, protocol
 from mvhan_jax.data.types import InteractionData
 
 FORMAT_VERSION = 1
@@ -796,12 +796,17 @@ def convert(spec: LogSpec, data_dir: str | None = None, engine=None, quiet: bool
   (default `convert_local`; `beam_ingest.convert_beam` for Beam); prints the counts."""
   folder = cache_dir(spec, data_dir)
   if not os.path.exists(os.path.join(folder, "manifest.json")):
-    shutil.rmtree(folder + ".tmp", ignore_errors=True)  # a conversion that was interrupted
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    try:
-      (engine or convert_local)(spec, folder)
-    finally:
-      shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    # Locked: a second process converting the same log would remove or rename onto this one's
+    # temporary folder; it waits here, then finds the manifest. The lock files live apart from the
+    # converted folders (a failed conversion leaves nothing beside them).
+    lock = os.path.join(os.path.dirname(os.path.dirname(folder)), ".locks", os.path.basename(folder) + ".lock")
+    with locks.exclusive(lock):
+      if not os.path.exists(os.path.join(folder, "manifest.json")):
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)  # a conversion that was interrupted
+        try:
+          (engine or convert_local)(spec, folder)
+        finally:
+          shutil.rmtree(folder + ".tmp", ignore_errors=True)
   manifest = read_manifest(folder)
   if not quiet:
     report(manifest, folder)

@@ -19,9 +19,7 @@ files when they were built, and rebuilds a cache that fails it, with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -31,7 +29,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mvhan_jax.data import movielens, protocol
+from mvhan_jax.data import locks, movielens, protocol
 
 NAME = "mvhan_movielens100k_loo"
 DEFAULT_MAXLEN = 50
@@ -171,23 +169,11 @@ def _read_checked(data_dir: str | None, maxlen: int, load) -> tuple[dict[str, np
   return arrays, None
 
 
-@contextlib.contextmanager
 def _cache_lock(data_dir: str | None, maxlen: int):
-  """An exclusive lock (``fcntl.flock``) on this maxlen's cache, held across processes.
-
-  Two processes that find the cache missing (two test workers, a training run started beside
-  another on a fresh machine) would otherwise both build it, and the second's rename of its
-  finished folder onto the first's fails (TFDS: ``FileExistsError``). With the lock the second
-  waits, then finds the cache prepared and only reads it.
-  """
-  root = tfds_dir(data_dir)
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{NAME}.maxlen_{maxlen}.lock"), "a", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  """An exclusive cross-process lock on this maxlen's cache (`locks.exclusive`): without it, two
+  processes that find the cache missing both build it, and the second's rename of its finished
+  folder onto the first's fails (TFDS: ``FileExistsError``)."""
+  return locks.exclusive(os.path.join(tfds_dir(data_dir), f".{NAME}.maxlen_{maxlen}.lock"))
 
 
 def train_arrays(load, data_dir: str | None = None, maxlen: int = DEFAULT_MAXLEN) -> dict[str, np.ndarray]:

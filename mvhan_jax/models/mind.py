@@ -30,7 +30,8 @@ from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
 from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
-                                       check_softmax_axis, history_mask, interest_mask, label_aware_attention)
+                                       check_softmax_axis, history_mask, interest_mask, label_aware_attention,
+                                       masked_softmax)
 
 
 def _check_power(power):
@@ -130,6 +131,10 @@ class MIND(_MultiInterest):
     dynamic_k: use K'_u = max(1, min(K, floor(log2 |I_u|))) live interests (paper Sec. 4.2);
       False: all K live.
     dropout: after every hidden layer.
+    recency_weights: scale each behaviour by a learned weight of its distance from the newest one
+      before routing (n * softmax over the real positions of per-distance logits, all 1 at init, so
+      the model starts as the paper's; routing itself is order-blind). Default off (the paper).
+    maxlen: distances with a learned weight (older behaviours share the last), for recency_weights.
 
   MIND-1 is ``num_interests=1`` (routing then has a single capsule: a squashed weighted sum).
   """
@@ -140,10 +145,14 @@ class MIND(_MultiInterest):
   softmax_axis: str = "interests"
   dynamic_k: bool = True
   dropout: float = 0.0
+  recency_weights: bool = False
+  maxlen: int = 50
 
   def setup(self):
     check_softmax_axis(self.softmax_axis)  # fail before any embedding work, naming the config field
     self._setup_items()
+    if self.recency_weights:
+      self.recency_logits = self.param("recency_logits", nn.initializers.zeros, (self.maxlen,))
     if self.user_specs:
       self.user_fields = FieldEmbedding(self.user_specs, self.dim)
     self.routing = B2IRouting(self.num_interests, self.dim, self.routing_iterations, self.routing_sigma,
@@ -162,7 +171,12 @@ class MIND(_MultiInterest):
       imask = interest_mask(history_len, self.num_interests)
     else:
       imask = jnp.ones((B, self.num_interests), bool)
-    capsules = self.routing(self.item_embedding(history, tables), bmask, imask, batch["user"])  # [B, K, D]
+    behaviours = self.item_embedding(history, tables)  # [B, L, D]
+    if self.recency_weights:
+      dist = jnp.clip(history_len[:, None] - 1 - jnp.arange(L)[None, :], 0, self.maxlen - 1)  # 0 = newest
+      w = masked_softmax(self.recency_logits[dist], bmask, axis=1)  # [B, L], sums to 1 over real ones
+      behaviours = behaviours * (w * jnp.sum(bmask, axis=1, keepdims=True))[..., None]  # all 1 at init
+    capsules = self.routing(behaviours, bmask, imask, batch["user"])  # [B, K, D]
     x = capsules
     if self.user_specs:
       profile = self.user_fields(gather_rows(tables["user"], batch["user"])).reshape(B, 1, -1)  # [B, 1, F*D]
@@ -255,6 +269,8 @@ def mind_from_config(cfg, spec: DataSpec) -> MIND:
       softmax_axis=cfg.get("softmax_axis", "interests"),
       dynamic_k=cfg.get("dynamic_k", True),
       dropout=cfg.get("dropout", 0.0),
+      recency_weights=cfg.get("recency_weights", False),
+      maxlen=cfg.get("maxlen", 50),
   )
 
 
