@@ -30,6 +30,9 @@ Prints a markdown table (mean ± std over the seeds); --out writes it, with the 
 
 from __future__ import annotations
 
+import json
+import os
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -97,8 +100,20 @@ def newest_interest_bonus(exp, params, items) -> tuple[float, float]:
   return beta, out["test"][beta]
 
 
+def _seeded(config, workdir: str):
+  """The config with the seed its workdir was trained with (one --config serves every seed)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise app.UsageError(f"--workdir={workdir}: no config.json there; train it first (mvhan-train --mode=train)")
+  with open(path, encoding="utf-8") as f:
+    seed = json.load(f).get("seed", config.seed)
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  return config
+
+
 def probe_multi(config, workdir: str, tercile: np.ndarray | None) -> dict[str, float]:
-  exp, params, items = candidates.load_retrieval(config, workdir)
+  exp, params, items = candidates.load_retrieval(_seeded(config, workdir), workdir)
   test = exp.eval_sets["test"]
   users, mask = rtask.encode_users(exp, params, test)
   if mask is None:
@@ -133,7 +148,7 @@ def probe_multi(config, workdir: str, tercile: np.ndarray | None) -> dict[str, f
 
 
 def probe_single(config, workdir: str, tercile: np.ndarray | None) -> dict[str, float]:
-  exp, params, items = candidates.load_retrieval(config, workdir)
+  exp, params, items = candidates.load_retrieval(_seeded(config, workdir), workdir)
   test = exp.eval_sets["test"]
   users, mask = rtask.encode_users(exp, params, test)
   per = evaluation.LeaveOneOutEvaluator(test, split="test").per_user(users, items, user_mask=mask)
