@@ -84,20 +84,17 @@ def _with_bonus(users, mask, items, recent, beta):
   return np.concatenate([users, bias], -1), np.concatenate([items, np.ones((len(items), 1), items.dtype)], -1)
 
 
-def newest_interest_bonus(exp, params, items) -> tuple[float, float]:
-  """The union readout with a bonus beta added to the scores of the newest item's interest (beta
-  picked by validation HR@10 over BONUSES): (beta, test HR@10). Needs no target at serving time."""
-  out = {}
-  for split in ("valid", "test"):
-    es = exp.eval_sets[split]
-    users, mask = rtask.encode_users(exp, params, es)
-    last = np.asarray(es.history)[np.arange(len(users)), np.asarray(es.history_len) - 1]
-    recent = interest_stats.owner(users, mask, items, last.reshape(-1, 1))[:, 0]
-    ev = evaluation.LeaveOneOutEvaluator(es, split=split)
-    out[split] = {b: float(ev.per_user(*_with_bonus(users, mask, items, recent, b), user_mask=mask)["HR@10"].mean())
-                  for b in BONUSES}
-  beta = max(BONUSES, key=lambda b: out["valid"][b])
-  return beta, out["test"][beta]
+def newest_owner(eval_set, users, mask, items) -> np.ndarray:
+  """The live interest that owns each user's newest history item, int [Q]: a choice needing no target."""
+  last = np.asarray(eval_set.history)[np.arange(len(users)), np.asarray(eval_set.history_len) - 1]
+  return interest_stats.owner(users, mask, items, last.reshape(-1, 1))[:, 0]
+
+
+def bonus_curve(eval_set, split: str, users, mask, items, recent, bonuses=BONUSES) -> dict[float, float]:
+  """HR@10 of the union readout with each of ``bonuses`` added to the newest item's interest."""
+  ev = evaluation.LeaveOneOutEvaluator(eval_set, split=split)
+  return {b: float(ev.per_user(*_with_bonus(users, mask, items, recent, b), user_mask=mask)["HR@10"].mean())
+          for b in bonuses}
 
 
 def _seeded(config, workdir: str):
@@ -125,11 +122,14 @@ def probe_multi(config, workdir: str, tercile: np.ndarray | None) -> dict[str, f
   oracle = evaluator.per_user(users[np.arange(len(own)), own], items)
   _, top = evaluation.exact_topk(users, items, 50, query_mask=mask, exclude_indptr=test.exclude_indptr,
                                  exclude_indices=test.exclude_indices)
-  # The interest that owns the newest history item: a readout that needs no target (deployable).
-  last = np.asarray(test.history)[np.arange(len(own)), np.asarray(test.history_len) - 1]
-  recent = interest_stats.owner(users, mask, items, last.reshape(-1, 1))[:, 0]
+  recent = newest_owner(test, users, mask, items)
   recent_hr = evaluator.per_user(users[np.arange(len(recent)), recent], items)
-  beta, bonus_hr = newest_interest_bonus(exp, params, items)
+  # The bonus is picked by validation HR@10, then applied to the test users.
+  valid = exp.eval_sets["valid"]
+  v_users, v_mask = rtask.encode_users(exp, params, valid)
+  v_curve = bonus_curve(valid, "valid", v_users, v_mask, items, newest_owner(valid, v_users, v_mask, items))
+  beta = max(BONUSES, key=lambda b: v_curve[b])
+  bonus_hr = bonus_curve(test, "test", users, mask, items, recent, (beta,))[beta]
   out = {
       "live interests": float(mask.sum(1).mean()),
       "pairwise cosine": float(np.nanmean(interest_stats.live_pairwise_cosine(users, mask))),

@@ -37,6 +37,20 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
 
 
+def recency_weights(logits: jax.Array, history_len: jax.Array, L: int) -> jax.Array:
+  """Softmax over each left-aligned history's real positions of learned per-distance logits.
+
+  logits: float [maxlen], indexed by the distance from the most recent behaviour (0 for the one at
+  ``history_len - 1``; distances >= maxlen share the last logit). history_len: int [B].
+  Returns [B, L]: each row sums to 1 over its first ``history_len`` positions, exactly 0 on padding
+  (all 0 for an empty history).
+  """
+  pos = jnp.arange(L)[None, :]
+  mask = pos < history_len[:, None]
+  dist = jnp.clip(history_len[:, None] - 1 - pos, 0, logits.shape[0] - 1)
+  return jax.nn.softmax(jnp.where(mask, logits[dist], -1e9), axis=-1) * mask
+
+
 class FieldEmbedding(nn.Module):
   """One ``dim``-wide token per feature field (the "embedding layer" of two-tower models).
 

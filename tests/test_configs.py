@@ -107,6 +107,12 @@ def test_combinations_load(name, arg):
   assert _load(name, arg).to_dict() != _load(name).to_dict()
 
 
+def test_mind_recency_is_refused_for_comirec():
+  assert _load("mind_ml100k", "recency").model.recency_weights
+  with pytest.raises(ValueError, match="recency.*use it with model=mind, not model=comirec_sa"):
+    _load("mind_ml100k", "model=comirec_sa,recency")
+
+
 def _documented_specs():
   """Every 'file.py:args' written in the docs, scripts, tests and launch files (f-string templates aside)."""
   paths = ["README.md", "WORKSPACE.md", *glob.glob("launch/*"), *glob.glob("experiments/**/*.py", recursive=True),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mvhan_jax.features import FeatureSpec
+from mvhan_jax import layers
 from mvhan_jax.layers import FieldEmbedding, gather_rows, l2_normalize, masked_mean
 from mvhan_jax.models.two_tower import TwoTower
 
@@ -102,3 +103,12 @@ def test_gradients_reach_the_shared_item_table_from_both_towers():
 def test_unknown_pooling_is_a_clear_error():
   with pytest.raises(ValueError, match="model.pooling"):
     _model(pooling="max").init(jax.random.key(0), BATCH, TABLES)
+
+
+def test_recency_weights_by_distance_from_the_newest_behaviour():
+  # maxlen 3: distances 0, 1 and >= 2 have logits log 3, 0, 0.
+  logits = jnp.log(jnp.array([3.0, 1.0, 1.0]))
+  w = np.asarray(layers.recency_weights(logits, jnp.array([2, 4, 0]), 5))
+  np.testing.assert_allclose(w[0], [1 / 4, 3 / 4, 0, 0, 0], rtol=1e-6)   # newest at position 1
+  np.testing.assert_allclose(w[1], [1 / 6, 1 / 6, 1 / 6, 3 / 6, 0], rtol=1e-6)  # distance 3 shares the last logit
+  np.testing.assert_array_equal(w[2], np.zeros(5))  # an empty history: all zero, no NaN

@@ -35,7 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.maxlen = c.get_ref("maxlen")
   m.normalize = True
   m.dropout = 0.0
-  m.recency_weights = "recency" in args  # MIND only
+  if "recency" in args and name != "mind":
+    raise configs.ConfigError(f"config arg recency (learned recency weights before routing) is MIND's: "
+                              f"use it with model=mind, not model={name}")
+  m.recency_weights = "recency" in args
   m.num_interests = int(args.get("K", 4))
   m.routing_iterations = 3
   m.routing_sigma = 1.0

@@ -28,10 +28,9 @@ import jax.numpy as jnp
 
 from mvhan_jax import precision
 from mvhan_jax.features import DataSpec, FeatureSpec
-from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, recency_weights
 from mvhan_jax.models.interest import (B2IRouting, ComiRecDR as ComiRecDRLayer, SelfAttentiveExtractor,
-                                       check_softmax_axis, history_mask, interest_mask, label_aware_attention,
-                                       masked_softmax)
+                                       check_softmax_axis, history_mask, interest_mask, label_aware_attention)
 
 
 def _check_power(power):
@@ -173,9 +172,9 @@ class MIND(_MultiInterest):
       imask = jnp.ones((B, self.num_interests), bool)
     behaviours = self.item_embedding(history, tables)  # [B, L, D]
     if self.recency_weights:
-      dist = jnp.clip(history_len[:, None] - 1 - jnp.arange(L)[None, :], 0, self.maxlen - 1)  # 0 = newest
-      w = masked_softmax(self.recency_logits[dist], bmask, axis=1)  # [B, L], sums to 1 over real ones
-      behaviours = behaviours * (w * jnp.sum(bmask, axis=1, keepdims=True))[..., None]  # all 1 at init
+      # The two-tower's recency pooling weights, times n: all 1 at init (zero logits).
+      w = recency_weights(self.recency_logits, history_len, L)  # [B, L], sums to 1 over real ones
+      behaviours = behaviours * (w * jnp.sum(bmask, axis=1, keepdims=True))[..., None]
     capsules = self.routing(behaviours, bmask, imask, batch["user"])  # [B, K, D]
     x = capsules
     if self.user_specs:

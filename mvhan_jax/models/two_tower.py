@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mvhan_jax.features import DataSpec, FeatureSpec
-from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean
+from mvhan_jax.layers import MLP, FieldEmbedding, gather_rows, l2_normalize, masked_mean, recency_weights
 
 
 class TwoTower(nn.Module):
@@ -62,16 +62,10 @@ class TwoTower(nn.Module):
   def pool_history(self, history: jax.Array, history_len: jax.Array) -> jax.Array:
     """history: int [B, L] left-aligned, most recent at history_len-1. Returns [B, D]."""
     L = history.shape[1]
-    pos = jnp.arange(L)[None, :]
-    mask = pos < history_len[:, None]
     emb = self.item_id_embed(history)
     if self.pooling == "mean":
-      return masked_mean(emb, mask)
-    # Distance from the most recent item: 0 for the last one. Distances >= maxlen share the last logit.
-    dist = jnp.clip(history_len[:, None] - 1 - pos, 0, self.maxlen - 1)
-    logits = jnp.where(mask, self.recency_logits[dist], -1e9)
-    w = jax.nn.softmax(logits, axis=-1) * mask
-    return jnp.einsum("bl,bld->bd", w, emb)
+      return masked_mean(emb, jnp.arange(L)[None, :] < history_len[:, None])
+    return jnp.einsum("bl,bld->bd", recency_weights(self.recency_logits, history_len, L), emb)
 
   def encode_users(self, batch: dict[str, jax.Array], tables, train: bool = False) -> jax.Array:
     """batch: 'user' [B], 'history' [B, L], 'history_len' [B]. Returns [B, D]."""
