@@ -37,6 +37,7 @@ CONFIGS = {
     "comirec_dr": "mind_ml100k.py:model=comirec_dr",
     "comirec_sa": "mind_ml100k.py:model=comirec_sa",
     "mvhan": "mvhan_ml100k.py:softmax=sampled",  # the step of the bench tables (256 negatives)
+    "mvhan_k5": "mvhan_ml100k.py:softmax=sampled,tokens=5",  # 5 behaviour tokens instead of 20
     "mv_dnn": "mvhan_ml100k.py:model=mv_dnn,softmax=sampled",
     "multitower": "multitower_ml100k.py",
 }
@@ -53,6 +54,7 @@ flags.DEFINE_bool("cost_analysis", False, "Also report XLA's cost analysis of ea
                   "(GFLOP and GB accessed per step).")
 flags.DEFINE_string("json_suffix", "", "Appended to the JSON file's name (train_<machine><suffix>.json), "
                     "so that a partial run does not replace the full table's file.")
+flags.DEFINE_list("override", [], "Config field overrides of every retrieval model, e.g. user_chunk=128.")
 FLAGS = flags.FLAGS
 
 
@@ -64,7 +66,7 @@ def load_config(name: str):
   cfg = configs.load_config(os.path.join(ROOT, "experiments", "configs", CONFIGS[name]))
   cfg.model.dim = 64
   cfg.maxlen = 50
-  return cfg
+  return configs.apply_overrides(cfg, FLAGS.override)
 
 
 def bench(name: str, batch_size: int) -> dict:

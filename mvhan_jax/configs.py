@@ -74,6 +74,18 @@ def parse_args(arg: str | None, known: Iterable[str], config_file: str) -> dict[
   return out
 
 
+def number_arg(args: Mapping[str, str], key: str, default, config_file: str, kind=int):
+  """The value of a numeric config arg (``parse_args`` output) read as ``kind`` (int or float), or
+  ``default`` when absent; ConfigError naming the file and the arg when it is not a number."""
+  if key not in args:
+    return default
+  try:
+    return kind(args[key])
+  except ValueError:
+    what = "an integer" if kind is int else "a number"
+    raise ConfigError(f"{os.path.basename(config_file)}: config arg {key}={args[key]!r} is not {what}") from None
+
+
 def format_args(args: Mapping[str, str]) -> str:
   """The inverse of ``parse_args``: ``{'model': 'mind', 'smoke': ''}`` -> ``'model=mind,smoke'``."""
   return ",".join(k if v == "" else f"{k}={v}" for k, v in args.items())

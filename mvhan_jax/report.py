@@ -67,11 +67,25 @@ def merge_rows(table: str, kept: Mapping[str, str], order: Sequence[str]) -> str
   return "\n".join(head + [body[name] for name in order if name in body])
 
 
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else ''. Two VMs of
+  one cloud type may run on different CPUs: benchmark figures name the one they came from."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def machine_description() -> str:
   import os  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
-  return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+  cpu = cpu_model()
+  return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores{f' ({cpu})' if cpu else ''}, "
           f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
 
 

@@ -75,7 +75,13 @@ def test_higher_target_never_picks_lower_recall(data, result):
           if c.reorder_k == 100 and c.num_leaves == res.config.num_leaves]
   lo = retrieval.autotune(items, tune_q, 0.8, _K, candidates=grid, repeats=1)
   hi = retrieval.autotune(items, tune_q, 0.95, _K, candidates=grid, repeats=1)
-  assert hi.recall >= lo.recall
+  # The grid varies only leaves_to_search, so the higher target searches at least as many leaves.
+  assert hi.config.num_leaves_to_search >= lo.config.num_leaves_to_search
+  # The two calls build their trees independently and ScaNN's tree training is not seeded: the same
+  # setting measured twice differed by 0.002 (0.9793 vs 0.9813) in one suite run. So recalls are
+  # compared within the calls' own confidence margins (z * SEM), not exactly.
+  assert hi.recall >= lo.recall - (hi.margin + lo.margin)
+  assert hi.recall - hi.margin >= 0.95 and lo.recall - lo.margin >= 0.8
 
 
 def test_multi_interest_queries(data):

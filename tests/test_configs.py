@@ -24,7 +24,7 @@ _MULTITOWER = {"extractor": "comirec_sa", "K": "2", "tower": "single", "readout"
                "epochs": "3", "smoke": None}
 _MVHAN = {"model": "mv_dnn", "typed": None, "pooled": None, "single": "2", "light": None,
           "exclusive_embeddings": None, "fel_per_type": None, "mlp": None, "learn_temperature": None,
-          "smoke": None}
+          "smoke": None, "tokens": "5"}
 _SEMINAR = {"nopretrain": None, "no_next": None, "no_align": None, "no_rel": None, "attention": "pq",
             "eval_attention": "pq", "freeze": None}
 EXAMPLES = {
@@ -213,3 +213,16 @@ def test_dataset_ml1m_schedule():
     _load("mind_ml100k", "dataset=ml20m")
   with pytest.raises(ValueError, match=r"'dataset=ml1m'.*known:"):
     _load("mind_synthetic", "dataset=ml1m")
+
+
+def test_numeric_config_arg_that_is_not_a_number_is_named():
+  with pytest.raises(configs.ConfigError, match=r"mvhan_ml100k.py: config arg tokens='x' is not an integer"):
+    _load("mvhan_ml100k", "tokens=x")
+  with pytest.raises(configs.ConfigError, match=r"sasrec_ml100k.py: config arg dropout='high' is not a number"):
+    _load("sasrec_ml100k", "dropout=high")
+  with pytest.raises(configs.ConfigError, match=r"tokens=-1 must be >= 0"):
+    _load("mvhan_ml100k", "tokens=-1")
+  assert _load("mvhan_ml100k", "tokens=5").model.num_behaviour_tokens == 5
+  assert _load("mvhan_ml100k", "light,tokens=5").model.num_behaviour_tokens == 5
+  assert _load("mvhan_ml100k", "light").model.num_behaviour_tokens == 10
+  assert _load("sasrec_ml100k", "dropout=0.5").model.dropout == 0.5

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise configs.ConfigError(f"config arg recency (learned recency weights before routing) is MIND's: "
                               f"use it with model=mind, not model={name}")
   m.recency_weights = "recency" in args
-  m.num_interests = int(args.get("K", 4))
+  m.num_interests = configs.number_arg(args, "K", 4, __file__)
   m.routing_iterations = 3
   m.routing_sigma = 1.0
   m.softmax_axis = args.get("axis", "interests")

@@ -52,10 +52,10 @@ def apply_args(c: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collect
   m.id_dropout = 0.0
   m.training = _choice(args, "readout", "serve", ("serve", "argmax"))
   m.score = _choice(args, "score", "max", ("max", "lse"))
-  m.lse_temperature = float(args.get("lse_t", 0.1))
+  m.lse_temperature = configs.number_arg(args, "lse_t", 0.1, __file__, float)
   m.repel = _choice(args, "repel", "hinge", ("hinge", "infonce", "none"))
-  m.repel_weight = float(args.get("lam", 0.1))
-  m.repel_margin = float(args.get("margin", 0.0))
+  m.repel_weight = configs.number_arg(args, "lam", 0.1, __file__, float)
+  m.repel_margin = configs.number_arg(args, "margin", 0.0, __file__, float)
   m.repel_temperature = 0.1
   return c
 
@@ -77,5 +77,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 300
   c = configs.set_movielens_dataset(c, args.get("dataset"), __file__)
   if "epochs" in args:
-    c.num_epochs = int(args["epochs"])
+    c.num_epochs = configs.number_arg(args, "epochs", None, __file__)
   return apply_args(c, args)

@@ -23,5 +23,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise configs.ConfigError("multitower_synthetic.py: the synthetic world is evaluated with protocol=comirec only")
   c = configs.sibling(__file__, "mind_synthetic").get_config(_mt.mind_args(args))
   if "epochs" in args:
-    c.num_epochs = int(args["epochs"])
+    c.num_epochs = configs.number_arg(args, "epochs", None, __file__)
   return _mt.apply_args(c, args)

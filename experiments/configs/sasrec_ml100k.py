@@ -48,14 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   c = configs.sibling(__file__, "two_tower_ml100k").get_config("smoke" if smoke else None)
-  c.maxlen = int(args.get("maxlen", 50))
+  c.maxlen = configs.number_arg(args, "maxlen", 50, __file__)
   m = ml_collections.ConfigDict()
   m.name = "sasrec"
-  m.dim = int(args.get("dim", 32 if smoke else 64))
-  m.num_blocks = int(args.get("blocks", 1))
-  m.num_heads = int(args.get("heads", 1))
+  m.dim = configs.number_arg(args, "dim", 32 if smoke else 64, __file__)
+  m.num_blocks = configs.number_arg(args, "blocks", 1, __file__)
+  m.num_heads = configs.number_arg(args, "heads", 1, __file__)
   m.maxlen = c.get_ref("maxlen")
-  m.dropout = float(args.get("dropout", 0.2))
+  m.dropout = configs.number_arg(args, "dropout", 0.2, __file__, float)
   m.norm = args.get("norm", "pre")
   m.positions = args.get("positions", "absolute")
   m.normalize = True
@@ -81,8 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 4000
     c.eval_every_steps = c.checkpoint_every_steps = 400
   if "steps" in args:
-    c.total_steps = int(args["steps"])
+    c.total_steps = configs.number_arg(args, "steps", None, __file__)
     c.eval_every_steps = c.checkpoint_every_steps = max(1, c.total_steps // 10)
   c.loss.kind = "full_softmax" if softmax == "full" else "sampled_softmax"
-  c.loss.temperature = float(args.get("temperature", c.loss.temperature))
+  c.loss.temperature = configs.number_arg(args, "temperature", c.loss.temperature, __file__, float)
   return configs.set_movielens_dataset(c, args.get("dataset"), __file__)
