@@ -55,6 +55,8 @@ MODELS = {
                    "experiments/configs/mvhan_ml100k.py:dataset=ml1m"),
     "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py:dataset=ml1m"),
     "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full,dataset=ml1m"),
+    "sasrec_full_long": ("SASRec (full softmax, 12,000 steps)",
+                         "experiments/configs/sasrec_ml100k.py:softmax=full,steps=12000,dataset=ml1m"),
 }
 # The no-training rows read the split of this config (any ML-1M leave-one-out config gives the same).
 SPLIT_CONFIG = "experiments/configs/two_tower_ml100k.py:dataset=ml1m"
