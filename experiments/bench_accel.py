@@ -123,12 +123,6 @@ def scatter_diagnostic(batch: int = 8192, maxlen: int = 50, rows: int = 1682, di
   return out
 
 
-def _cost(compiled) -> dict:
-  ca = compiled.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  ca = ca or {}
-  return {"flops": float(ca.get("flops", float("nan"))), "bytes_accessed": float(ca.get("bytes accessed", float("nan")))}
 
 
 def _nbytes(tree) -> int:
@@ -187,7 +181,7 @@ def bench(name: str, batch_size: int, dtype: str, ceilings: dict) -> dict:
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, tables, key).compile()
   compile_s = time.perf_counter() - t0
-  cost = _cost(compiled)
+  cost = report.xla_cost(compiled)
   state, metrics = compiled(state, batch, tables, key)
   _sync(metrics)
   loss0 = float(metrics["loss"])

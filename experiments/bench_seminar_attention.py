@@ -87,9 +87,8 @@ def interleaved_times(fns, repeats):
 def cost(jitted, *args):
   """XLA's cost analysis of the compiled step: (GFLOP, MB accessed)."""
   try:
-    ca = jitted.lower(*args).compile().cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", float("nan"))) / 1e9, float(ca.get("bytes accessed", float("nan"))) / 1e6
+    ca = report.xla_cost(jitted.lower(*args).compile())
+    return ca["flops"] / 1e9, ca["bytes_accessed"] / 1e6
   except Exception:  # pylint: disable=broad-except
     return float("nan"), float("nan")
 

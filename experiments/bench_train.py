@@ -54,7 +54,7 @@ flags.DEFINE_bool("cost_analysis", False, "Also report XLA's cost analysis of ea
                   "(GFLOP and GB accessed per step).")
 flags.DEFINE_string("json_suffix", "", "Appended to the JSON file's name (train_<machine><suffix>.json), "
                     "so that a partial run does not replace the full table's file.")
-flags.DEFINE_list("override", [], "Config field overrides of every retrieval model, e.g. user_chunk=128.")
+flags.DEFINE_list("override", [], "Config field overrides of every retrieval model, e.g. model.num_behaviour_tokens=5.")
 FLAGS = flags.FLAGS
 
 
@@ -97,10 +97,9 @@ def bench(name: str, batch_size: int) -> dict:
          "examples_per_s": FLAGS.steps * batch_size / dt, "step_ms": 1000 * dt / FLAGS.steps,
          "params": sum(x.size for x in jax.tree.leaves(state.params))}
   if FLAGS.cost_analysis:
-    cost = step_fn.lower(state, next(batches), exp.tables, key).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    row["gflop_per_step"] = float(cost.get("flops", 0.0)) / 1e9
-    row["gb_accessed_per_step"] = float(cost.get("bytes accessed", 0.0)) / 1e9
+    cost = report.xla_cost(step_fn.lower(state, next(batches), exp.tables, key).compile())
+    row["gflop_per_step"] = cost["flops"] / 1e9
+    row["gb_accessed_per_step"] = cost["bytes_accessed"] / 1e9
     row["achieved_gflop_per_s"] = row["gflop_per_step"] / (dt / FLAGS.steps)
   return row
 

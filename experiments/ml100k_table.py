@@ -44,6 +44,8 @@ MODELS = {
     "comirec_dr": ("ComiRec-DR (K=4)", "experiments/configs/mind_ml100k.py:model=comirec_dr"),
     "mvhan": ("MV-HAN (genre-family content types)", "experiments/configs/mvhan_ml100k.py:softmax=sampled"),
     "mvhan_full": ("MV-HAN (genre-family content types, full softmax)", "experiments/configs/mvhan_ml100k.py"),
+    "mvhan_causal": ("MV-HAN (causal behaviour encoder, SASRec's paths, full softmax)",
+                     "experiments/configs/mvhan_ml100k.py:behaviour=causal,sasrec_paths"),
     "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py"),
     "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full"),
     "popularity": ("Popularity", None),

@@ -16,16 +16,22 @@ batch and negatives a real step sees:
   step            the whole training step (loss, gradients, optimizer update)
 For each: GFLOP and GB accessed (XLA's cost analysis of the compiled function) and the median wall
 time of --repeats calls. Measure with nothing else running (two JAX processes on two cores halve
-each other). Prints a markdown table; --out writes the rows as JSON.
+each other). Prints a markdown table; --out writes the rows as JSON; --trace adds a jax.profiler
+trace of the step (compiled ops per step, their time by kind of op).
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
 import statistics
+import re
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -53,12 +59,13 @@ def define_flags() -> None:
   flags.DEFINE_list("override", [], "Config field overrides, e.g. model.fel_layers=1.")
   flags.DEFINE_string("config", "experiments/configs/mvhan_ml100k.py:softmax=sampled", "The profiled config.")
   flags.DEFINE_string("out", "", "JSON file for the rows (optional).")
+  flags.DEFINE_bool("trace", False, "Also trace the step with jax.profiler: compiled ops per step and their time "
+                    "by kind of op.")
 
 
 def _cost(fn, *args) -> tuple[float, float]:
-  cost = fn.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) / 1e9, float(cost.get("bytes accessed", 0.0)) / 1e9
+  cost = report.xla_cost(fn.lower(*args).compile())
+  return cost["flops"] / 1e9, cost["bytes_accessed"] / 1e9
 
 
 def _time(fn, *args, repeats: int, threads_state: bool = False) -> float:
@@ -77,8 +84,37 @@ def _time(fn, *args, repeats: int, threads_state: bool = False) -> float:
   return 1000 * statistics.median(times)
 
 
-def profile(batch_size: int, config: str, overrides=(), repeats: int = 20) -> list[dict]:
-  """One row per part (see the module docstring) for the config spec ``config`` at ``batch_size``."""
+# Trace events that are not one compiled op: the runtime's own spans and the Python calls around them.
+_NOT_OPS = ("ThunkExecutor", "$", "end:", "Slinky", "Pjit", "Common", "Parse")
+
+
+def trace_step(step_fn, state, args, calls: int = 10) -> dict:
+  """A jax.profiler trace of ``calls`` train steps (state threaded, as in `_time`): the number of
+  compiled ops per step, their summed time, and that time by kind of op (the op name without its
+  numeric suffix: 'transpose_copy_fusion', 'ynn_fusion' (matmuls), ...), ms per step."""
+  with tempfile.TemporaryDirectory() as tmp:
+    state, _ = step_fn(state, *args)
+    jax.block_until_ready(state)
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(calls):
+      state, metrics = step_fn(state, *args)
+      jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(os.path.join(tmp, "**", "*perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  ops = [e for e in events if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS)]
+  by_kind = collections.Counter()
+  for e in ops:
+    by_kind[re.sub(r"[._]\d+$", "", e["name"])] += e.get("dur", 0) / 1000 / calls
+  return {"ops_per_step": len(ops) / calls, "op_ms_per_step": sum(by_kind.values()),
+          "op_ms_by_kind": dict(by_kind.most_common())}
+
+
+def profile(batch_size: int, config: str, overrides=(), repeats: int = 20, trace: bool = False) -> list[dict]:
+  """One row per part (see the module docstring) for the config spec ``config`` at ``batch_size``;
+  trace=True adds `trace_step`'s figures to the step's row."""
   cfg = configs.load_config(os.path.join(ROOT, config))
   cfg.model.dim = 64
   cfg.maxlen = 50
@@ -103,14 +139,14 @@ def profile(batch_size: int, config: str, overrides=(), repeats: int = 20) -> li
   def grad_of(f):
     return jax.jit(jax.value_and_grad(lambda p, *a: jnp.sum(f(p, *a))))
 
-  # Token shapes the two FELs see, and their MLP inputs.
-  n_user_tokens = 2 + len(model.user_specs) + model.num_behaviour_tokens - (0 if model.user_id_token else 1)
-  n_item_tokens = 1 + len(model.content_specs)
+  p = params["params"]
+  # Token counts the two FELs see, read from their MLPs' input widths (F tokens x D).
+  n_user_tokens = p["user_mlp"]["Dense_0"]["kernel"].shape[0] // D
+  n_item_tokens = p["content_heads"]["Dense_0"]["kernel"].shape[-2] // D
   user_tokens = jax.random.normal(key, (batch_size, n_user_tokens, D))
   item_tokens = jax.random.normal(key, (ids.shape[0], n_item_tokens, D))
   ones_u = jnp.ones(user_tokens.shape[:2], bool)
   ones_i = jnp.ones(item_tokens.shape[:2], bool)
-  p = params["params"]
 
   parts = {
       "user tower": (grad_of(lambda prm, b: model.apply(prm, b, tables, True, method=model.encode_users, rngs=rngs)),
@@ -140,13 +176,17 @@ def profile(batch_size: int, config: str, overrides=(), repeats: int = 20) -> li
     rows.append({"part": name, "batch_size": batch_size, "items": int(ids.shape[0]), "gflop": gflop, "gb": gb,
                  "ms": ms, "gflop_per_s": gflop / (ms / 1000)})
     print(f"{name} batch {batch_size}: {ms:.1f} ms, {gflop:.2f} GFLOP", flush=True)
+  if trace:
+    state = rtask.init_state(exp, tx, key)  # the timed calls donated the first one
+    rows[-1]["trace"] = trace_step(step_fn, state, (batch, tables, key))
   return rows
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  rows = [r for b in FLAGS.batch_sizes for r in profile(int(b), FLAGS.config, FLAGS.override, FLAGS.repeats)]
+  rows = [r for b in FLAGS.batch_sizes
+          for r in profile(int(b), FLAGS.config, FLAGS.override, FLAGS.repeats, FLAGS.trace)]
   machine = report.machine_description()
   print(f"\nMachine: {machine}; load average at the end {os.getloadavg()[0]:.1f}\n")
   print("| part | batch | items encoded | GFLOP | GB accessed | ms | GFLOP/s |")
@@ -154,6 +194,12 @@ def main(argv):
   for r in rows:
     print(f"| {r['part']} | {r['batch_size']} | {r['items']} | {r['gflop']:.2f} | {r['gb']:.2f} | {r['ms']:.1f} | "
           f"{r['gflop_per_s']:.1f} |")
+  for r in rows:
+    if "trace" in r:
+      t = r["trace"]
+      top = ", ".join(f"{k} {v:.1f}" for k, v in list(t["op_ms_by_kind"].items())[:6])
+      print(f"\nTrace, batch {r['batch_size']}: {t['ops_per_step']:.0f} compiled ops per step, "
+            f"{t['op_ms_per_step']:.1f} ms of op time; ms by kind: {top}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"machine": machine, "jax": jax.__version__, "platform": platform.machine(),

@@ -1,8 +1,9 @@
-r"""SEMINAR ablations: experiments/results/seminar_synthetic.md (or seminar_ml100k.md with --dataset=ml100k,
-which also writes the SEMINAR section of experiments/results/ml100k.md).
+r"""SEMINAR ablations: experiments/results/seminar_synthetic.md (or seminar_ml100k.md / seminar_ml1m.md with
+--dataset=ml100k / ml1m, which also write the SEMINAR section of experiments/results/ml100k.md / ml1m.md).
 
   python experiments/seminar_table.py --seeds=0,1,2
   python experiments/seminar_table.py --dataset=ml100k --seeds=0,1,2 --rows=psu,nopretrain
+  python experiments/seminar_table.py --dataset=ml1m --seeds=0,1,2 --rows=psu,nopretrain
   python experiments/seminar_table.py --seeds=0 --rows=psu --override=train.num_epochs=1
 
 Rows (config arguments of experiments/configs/seminar_<dataset>.py): no pretraining; PSU
@@ -30,15 +31,16 @@ from mvhan_jax.seminar import data as sdata
 from mvhan_jax.tasks import seminar as strain
 from mvhan_jax import train as train_loop
 
-flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k"], "Which world.")
+flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "ml100k", "ml1m"], "Which world.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
 flags.DEFINE_list("rows", [], "Row keys to run (default: all); see ROWS.")
 flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. train.num_epochs=1.")
 flags.DEFINE_string("out", "", "Markdown file (default experiments/results/seminar_<dataset>.md).")
 flags.DEFINE_string("workdir_root", "runs/seminar_table", "Where each run's workdir goes.")
 flags.DEFINE_bool("reevaluate", False, "Re-evaluate finished workdirs instead of reading their results.json.")
-flags.DEFINE_string("ml100k_section", "experiments/results/ml100k.md",
-                    "With --dataset=ml100k: also write the SEMINAR section of this file ('' = no).")
+flags.DEFINE_string("movielens_section", "auto",
+                    "With --dataset=ml100k / ml1m: also write the SEMINAR section of this file ('auto': "
+                    "experiments/results/<dataset>.md; '' = no).")
 FLAGS = flags.FLAGS
 
 # Training runs: key -> config arguments. The exact and PQ runs' final evaluation serves the best
@@ -70,17 +72,17 @@ METRICS = ("full/HR@10", "full/NDCG@10", "full/HR@50", "full/NDCG@50", "full/MRR
 HEADERS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "sampled HR@10", "sampled NDCG@10", "sampled MRR")
 
 
-def write_ml100k_section(rows, keys, cmd):
-  """The SEMINAR block of experiments/results/ml100k.md (its other rows are not rerun)."""
+def write_movielens_section(path, rows, keys, cmd, num_items):
+  """The SEMINAR block of experiments/results/ml100k.md or ml1m.md (their other rows are not rerun)."""
   names = [ROWS[k][0] for k in keys if ROWS[k][1] in ("psu", "nopretrain") and not ROWS[k][2]]
   table = report.mean_std_table({n: rows[n] for n in names}, HEADERS)
   body = f"""## SEMINAR (target-aware ranking model, `mvhan_jax/seminar/`)
 
-The same protocol and users; each of the 1,682 items is scored as SEMINAR's target (one GSU/ESU pass
+The same protocol and users; each of the {num_items:,} items is scored as SEMINAR's target (one GSU/ESU pass
 per user x item), the user's history excluded, the target never. "sampled": against the paper's 99
 random unseen items (biased upwards; not comparable with the rows above). Test metrics of the
 best-by-validation (sampled NDCG@10) checkpoint. Config: experiments/configs/seminar_ml100k.py
-(its docstring says why its negatives and training targets differ from the synthetic world's).
+(`:dataset=ml1m` on MovieLens-1M; its docstring says why its negatives and training targets differ from the synthetic world's).
 
 {table}
 
@@ -91,9 +93,9 @@ Produced by (its own workdirs; the rows above are not rerun):
 ```
 
 Machine: {report.machine_description()}. Run times (and any ablation rows run):
-experiments/results/seminar_ml100k.md.
+experiments/results/seminar_{FLAGS.dataset}.md.
 """
-  report.write_section(FLAGS.ml100k_section, "seminar", body)
+  report.write_section(path, "seminar", body)
 
 
 def _cached_or_run(cfg, workdir, data):
@@ -113,6 +115,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   conf = f"experiments/configs/seminar_{FLAGS.dataset if FLAGS.dataset == 'synthetic' else 'ml100k'}.py"
+  if FLAGS.dataset == "ml1m":
+    conf += ":dataset=ml1m"
   keys = FLAGS.rows or list(ROWS)
   unknown = set(keys) - set(ROWS)
   if unknown:
@@ -123,7 +127,7 @@ def main(argv):
   for seed in map(int, FLAGS.seeds):  # seed-major: a complete one-seed table comes first
     for run in runs:                   # RUNS order: 'psu' before the 'pq' run that reuses its PSU
       args = RUNS[run]
-      cfg = configs.load_config(f"{conf}:{args}" if args else conf)
+      cfg = configs.load_config(f"{conf}{',' if ':' in conf else ':'}{args}" if args else conf)
       cfg.seed = seed
       configs.apply_overrides(cfg, FLAGS.override)
       cfg.eval.extra_attentions = extra[run]
@@ -149,8 +153,10 @@ def main(argv):
   cmd = f"python experiments/seminar_table.py --dataset={FLAGS.dataset} --seeds={seeds}" + (
       f" --rows={','.join(keys)}" if FLAGS.rows else "") + (f" --override={','.join(FLAGS.override)}" if FLAGS.override else "")
   secs = ", ".join(f"{n}: {sum(t) / len(t):.0f} s" for n, t in timing.items())
-  if FLAGS.ml100k_section and FLAGS.dataset == "ml100k":
-    write_ml100k_section(rows, keys, cmd)
+  section = (f"experiments/results/{FLAGS.dataset}.md" if FLAGS.movielens_section == "auto"
+             else FLAGS.movielens_section)
+  if section and FLAGS.dataset != "synthetic":
+    write_movielens_section(section, rows, keys, cmd, data.num_items)
   text = f"""# SEMINAR ({FLAGS.dataset}), leave-one-out
 
 Protocol: per user, events in time order; the last event's item is the test target, the one before

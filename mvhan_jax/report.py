@@ -67,6 +67,16 @@ def merge_rows(table: str, kept: Mapping[str, str], order: Sequence[str]) -> str
   return "\n".join(head + [body[name] for name in order if name in body])
 
 
+def xla_cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled function (``jax.jit(f).lower(*args).compile()``):
+  {'flops', 'bytes_accessed'}, NaN where the backend reports none (some return a list of one dict)."""
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  ca = ca or {}
+  return {"flops": float(ca.get("flops", float("nan"))), "bytes_accessed": float(ca.get("bytes accessed", float("nan")))}
+
+
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else ''. Two VMs of
   one cloud type may run on different CPUs: benchmark figures name the one they came from."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import re
@@ -24,7 +25,7 @@ _MULTITOWER = {"extractor": "comirec_sa", "K": "2", "tower": "single", "readout"
                "epochs": "3", "smoke": None}
 _MVHAN = {"model": "mv_dnn", "typed": None, "pooled": None, "single": "2", "light": None,
           "exclusive_embeddings": None, "fel_per_type": None, "mlp": None, "learn_temperature": None,
-          "smoke": None, "tokens": "5"}
+          "smoke": None, "tokens": "5", "steps": "3000"}
 _SEMINAR = {"nopretrain": None, "no_next": None, "no_align": None, "no_rel": None, "attention": "pq",
             "eval_attention": "pq", "freeze": None}
 EXAMPLES = {
@@ -39,12 +40,13 @@ EXAMPLES = {
     "mind_synthetic_1m": _MIND,
     "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
-    "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled", "behaviour": "causal"},
-    "mvhan_synthetic": {**_MVHAN, "softmax": "sampled"},
+    "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled", "behaviour": "causal", "sasrec_paths": None,
+                     "gate": None},
+    "mvhan_synthetic": {**{k: v for k, v in _MVHAN.items() if k != "steps"}, "softmax": "sampled"},
     "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",
                       "softmax": "full", "steps": "2000", "smoke": None, **_ML1M},
-    "seminar_ml100k": _SEMINAR,
+    "seminar_ml100k": {**_SEMINAR, **_ML1M},
     "seminar_synthetic": {**_SEMINAR, "smoke": None},
 }
 # Examples that name the default on purpose (the arg exists to say it explicitly).
@@ -220,9 +222,51 @@ def test_numeric_config_arg_that_is_not_a_number_is_named():
     _load("mvhan_ml100k", "tokens=x")
   with pytest.raises(configs.ConfigError, match=r"sasrec_ml100k.py: config arg dropout='high' is not a number"):
     _load("sasrec_ml100k", "dropout=high")
-  with pytest.raises(configs.ConfigError, match=r"tokens=-1 must be >= 0"):
+  with pytest.raises(configs.ConfigError, match=r"tokens=-1 needs model=mvhan or mv_dnn and a value >= 0"):
     _load("mvhan_ml100k", "tokens=-1")
+  with pytest.raises(configs.ConfigError, match=r"tokens=5 needs model=mvhan or mv_dnn"):
+    _load("mvhan_ml100k", "model=two_tower,tokens=5")
   assert _load("mvhan_ml100k", "tokens=5").model.num_behaviour_tokens == 5
   assert _load("mvhan_ml100k", "light,tokens=5").model.num_behaviour_tokens == 5
   assert _load("mvhan_ml100k", "light").model.num_behaviour_tokens == 10
   assert _load("sasrec_ml100k", "dropout=0.5").model.dropout == 0.5
+
+
+def test_mvhan_sasrec_paths_and_steps():
+  paths = _load("mvhan_ml100k", "sasrec_paths")
+  assert paths.to_dict() == _load("mvhan_ml100k", "behaviour=causal,sasrec_paths").to_dict()
+  causal = _load("mvhan_ml100k", "behaviour=causal")
+  changed = {k for k in paths.model if paths.model[k] != causal.model[k]}
+  assert changed == {"user_id_token", "dropout", "last_token_readout", "item_id_residual"}
+  assert (paths.model.user_id_token, paths.model.dropout, paths.model.last_token_readout,
+          paths.model.item_id_residual) == (False, 0.2, True, True)
+  assert causal.total_steps == 4000 and causal.eval_every_steps == 400
+  long = _load("mvhan_ml100k", "sasrec_paths,steps=12000,dataset=ml1m")
+  assert (long.total_steps, long.eval_every_steps, long.checkpoint_every_steps) == (12000, 1200, 1200)
+  assert long.dataset.name == "movielens_1m"
+  with pytest.raises(configs.ConfigError, match=r"sasrec_paths is a setting of behaviour=causal, not of behaviour=tokens"):
+    _load("mvhan_ml100k", "behaviour=tokens,sasrec_paths")
+  gate = _load("mvhan_ml100k", "sasrec_paths,gate")
+  assert gate.model.sasrec_gate and not paths.model.get("sasrec_gate", False) and gate.model.behaviour_encoder == "causal"
+  with pytest.raises(configs.ConfigError, match=r"gate is a setting of behaviour=causal"):
+    _load("mvhan_ml100k", "behaviour=tokens,gate")
+  with pytest.raises(configs.ConfigError, match=r"steps=0 must be >= 1"):
+    _load("mvhan_ml100k", "steps=0")
+
+
+@pytest.mark.parametrize("script", ["ml100k_table", "ml1m_table"])
+def test_results_table_rows_name_configs_that_load(script):
+  # Each row of the results-table scripts is a config spec (or None: no training); a spec that no
+  # longer loads would fail only hours into a table run. Read from the script's source (importing it
+  # would define its absl flags twice).
+  tree = ast.parse(open(os.path.join(ROOT, "experiments", f"{script}.py")).read())
+  models = next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODELS")
+  names = [name for name, _ in models.values()]
+  assert len(set(names)) == len(names), "two rows share a name"
+  specs = [spec for _, spec in models.values() if spec is not None]
+  assert specs
+  for spec in specs:
+    path, _, arg = spec.partition(":")
+    cfg = configs.load_config(os.path.join(ROOT, path) + (f":{arg}" if arg else ""))
+    assert cfg.dataset.name == ("movielens_1m" if script == "ml1m_table" else "movielens_100k"), spec

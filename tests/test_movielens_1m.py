@@ -213,3 +213,35 @@ def test_registry_dataset_and_cached_training_source(tiny, tmp_path, monkeypatch
   np.testing.assert_array_equal(src.arrays["target"], [1])
   np.testing.assert_array_equal(src.arrays["history"], [[0, 0]])
   assert registry.train_source(c, data, split) is src  # built once per (data_dir, maxlen)
+
+
+def test_seminar_events_from_ml1m(tiny, tmp_path, monkeypatch):
+  """SEMINAR reads ML-1M (config dataset=ml1m) through the same loader: the protocol's event order
+  and leave-one-out targets, the genre multi-hot in ML-100k's genre slots."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.seminar import data as sdata  # pylint: disable=import-outside-toplevel
+  from mvhan_jax import configs  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(movielens, "ML1M_SHA256", _digests(tiny))
+  monkeypatch.setattr(movielens, "ML1M_NUM_USERS", 3)
+  monkeypatch.setattr(movielens, "ML1M_NUM_ITEMS", 4)
+  monkeypatch.setattr(movielens, "ML1M_NUM_RATINGS", 6)
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+  c = configs.load_config(os.path.join(root, "seminar_ml100k.py:dataset=ml1m"))
+  assert c.dataset.name == "movielens_1m" and c.train.num_epochs == 1
+  c.dataset.data_dir = str(tmp_path / "root")
+  c.dataset.text_buckets, c.dataset.text_dim = 16, 4
+  data = sdata.load_data(c)
+  assert data.name == "ml-1m" and data.num_items == 4
+  # User 0's events [1, 0, 3] (the t=50 tie by item id), then user 1 [0, 1], user 2 [2].
+  np.testing.assert_array_equal(data.item, [1, 0, 3, 0, 1, 2])
+  np.testing.assert_array_equal(data.offsets, [0, 3, 5, 6])
+  test, valid = data.eval_queries["test"], data.eval_queries["valid"]
+  np.testing.assert_array_equal(test.user, [0])
+  assert (int(test.target[0]), int(valid.target[0])) == (3, 0)
+  assert sdata.check_split_matches_protocol(data, movielens.load_movielens_1m(str(tmp_path / "root")))
+  genre = data.item_vectors["genre"]
+  assert genre.shape == (4, 18)
+  np.testing.assert_array_equal(np.flatnonzero(genre[0]), [2, 3, 4])  # Animation, Children's, Comedy
+  np.testing.assert_array_equal(np.flatnonzero(genre[3]), [17])       # Western
+  with pytest.raises(ValueError, match="seminar_ml100k.py: config arg dataset='ml20m' is unknown"):
+    configs.load_config(os.path.join(root, "seminar_ml100k.py:dataset=ml20m"))

@@ -222,6 +222,41 @@ def test_causal_behaviour_encoder_vector_of_every_prefix():
     _shapes(_model(behaviour_encoder="gru"))
 
 
+def test_sasrec_gate_starts_as_sasrec_and_opens_onto_the_heads():
+  """sasrec_gate: with both gates at 0 the user vector is the normalised causal state at the newest
+  position (SASRec's read-out) and the item vector the normalised shared id row; open gates add the
+  FEL/MLP heads; an empty history (all-zero vector at gate 0) has finite gradients."""
+  model = _model(behaviour_encoder="causal", maxlen=5, causal_dropout=0.0, sasrec_gate=True)
+  params = _draw(_shapes(model))
+  closed = _copy(params)
+  closed["params"]["user_gate"] = jnp.zeros(())
+  closed["params"]["item_gate"] = jnp.zeros(())
+  users = np.asarray(model.apply(closed, BATCH, TABLES, method=model.encode_users))
+  seq, _ = model.apply(closed, BATCH, TABLES, method=model.causal_sequence)
+  state = np.asarray(seq)[np.arange(3), np.maximum(np.asarray(BATCH["history_len"]) - 1, 0)]
+  state[2] = 0.0  # empty history: no state
+  want = state / np.maximum(np.linalg.norm(state, axis=-1, keepdims=True), 1e-6)
+  np.testing.assert_allclose(users, want, atol=1e-5)
+  ids = np.asarray(model.apply(closed, jnp.arange(I), TABLES, method=model.behaviour_embedding))
+  items = np.asarray(model.apply(closed, jnp.arange(I), TABLES, method=model.encode_items))
+  np.testing.assert_allclose(items, ids / np.linalg.norm(ids, axis=-1, keepdims=True), atol=1e-5)
+  opened = _copy(params)
+  opened["params"]["user_gate"] = jnp.ones(())
+  opened["params"]["item_gate"] = jnp.ones(())
+  assert not np.allclose(np.asarray(model.apply(opened, BATCH, TABLES, method=model.encode_users))[:2], users[:2], atol=1e-3)
+  assert not np.allclose(np.asarray(model.apply(opened, jnp.arange(I), TABLES, method=model.encode_items)), items, atol=1e-3)
+
+  def loss(p):
+    u, valid = model.apply(p, {**BATCH, "history_len": jnp.array([4, 1, 0])}, TABLES, method=model.encode_positions)
+    return jnp.sum(u.sum(-1) * valid) + jnp.sum(model.apply(p, BATCH, TABLES, method=model.encode_users))
+
+  grads = jax.grad(loss)(closed)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads["params"]["user_gate"])) > 0  # the closed gate still learns
+  with pytest.raises(ValueError, match="sasrec_gate needs model.behaviour_encoder='causal'"):
+    _shapes(_model(sasrec_gate=True))
+
+
 def test_causal_tower_learns_a_transition_map_at_every_position():
   """A learning signal: sequences that walk 0 -> 1 -> ... -> 7 -> 0 from a random start; trained with
   the all-positions cross-entropy, the causal tower predicts the next item at every position."""

@@ -17,3 +17,12 @@ def test_rows_not_rerun_are_kept_in_table_order(tmp_path):
   assert [line.split("|")[1].strip() for line in merged[2:]] == ["D", "C", "B", "A"]
   assert "0.5000" in merged[5] and merged[3] == kept["C"]        # a rerun row wins over a kept one
   assert report.kept_rows(str(tmp_path / "missing.md"), ["A"]) == {}
+
+
+def test_xla_cost_of_a_matmul_by_hand():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a, b = jnp.ones((32, 48)), jnp.ones((48, 16))
+  cost = report.xla_cost(jax.jit(jnp.matmul).lower(a, b).compile())
+  assert cost["flops"] == 2 * 32 * 48 * 16
+  assert cost["bytes_accessed"] >= 4 * (32 * 48 + 48 * 16 + 32 * 16)  # read both, write the product

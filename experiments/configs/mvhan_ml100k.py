@@ -39,6 +39,17 @@ Arguments after ':' (comma-separated key=value or flags):
                                  model.behaviour_encoder), trained at every history position on
                                  SASRec's windows with SASRec's full-softmax budget (batch 128, 4,000
                                  steps, evaluated every 400)
+  sasrec_paths                   behaviour=causal (implied) with SASRec's direct paths around the FEL
+                                 and the MLP heads (the best causal setting of mvhan_quality.md): no
+                                 user-id field, dropout 0.2, the FEL output at the newest position
+                                 read out (model.last_token_readout) and each item's id row added to
+                                 its type head's output (model.item_id_residual)
+  gate                           behaviour=causal (implied) starting as SASRec: user vector = the
+                                 encoder's state + g_u * the FEL/MLP head, item vector = its id row +
+                                 g_i * its type head, scalar gates learned from 0 (model.sasrec_gate)
+  steps=<int>                    a fixed number of training steps instead of epochs, evaluated every
+                                 steps/10 (behaviour=causal: default 4,000, SASRec's ML-100k budget;
+                                 SASRec's ML-1M one is 12,000)
 Every run also reports per-type metrics with the ranking restricted to the target's type
 ('valid/family/HR@50', 'valid/niche/AUC', ...) and their mean over the target types ('targets/...').
 Expected result: experiments/results/mvhan_ml100k.md (the paper-shape rows, sampled softmax) and,
@@ -53,7 +64,8 @@ import ml_collections
 from mvhan_jax import configs
 
 ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
-        "learn_temperature", "softmax=", "smoke", "dataset=", "behaviour=", "tokens=")
+        "learn_temperature", "softmax=", "smoke", "dataset=", "behaviour=", "tokens=", "sasrec_paths",
+        "gate", "steps=")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -65,17 +77,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_per_type = True
   c.type_schedule = ()
   c.loss.negatives_per_type = False
+  tokens = configs.number_arg(args, "tokens", None, __file__)  # None: the default of the model size
+  if tokens is not None and (tokens < 0 or name == "two_tower"):
+    raise configs.ConfigError(f"mvhan_ml100k.py: tokens={tokens} needs model=mvhan or mv_dnn and a value >= 0 "
+                              "(0: no behaviour tokens)")
   if name == "two_tower":
     pass  # the foundation's two-tower (recency pooling), evaluated per type
   elif name in ("mvhan", "mv_dnn"):
-    if configs.number_arg(args, "tokens", 0, __file__) < 0:
-      raise configs.ConfigError(f"mvhan_ml100k.py: tokens={args['tokens']} must be >= 0 (0: no behaviour tokens)")
     m = ml_collections.ConfigDict()
     m.name = name
     m.dim = 32 if smoke else 64
     m.num_heads = 2
     m.mrl_hidden = (64,) if smoke else (256,)
-    m.num_behaviour_tokens = configs.number_arg(args, "tokens", 8 if smoke else 20, __file__)
+    m.num_behaviour_tokens = (8 if smoke else 20) if tokens is None else tokens
     m.normalize = True
     m.dropout = 0.0
     m.learn_temperature = "learn_temperature" in args
@@ -94,9 +108,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = m
   else:
     raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
-  behaviour = args.get("behaviour", "tokens")
+  behaviour = args.get("behaviour", "causal" if {"sasrec_paths", "gate"} & set(args) else "tokens")
   if behaviour not in ("tokens", "causal"):
     raise configs.ConfigError(f"mvhan_ml100k.py: behaviour={behaviour!r} is unknown: use 'tokens' or 'causal'")
+  for setting in ("sasrec_paths", "gate"):
+    if behaviour != "causal" and setting in args:
+      raise configs.ConfigError(f"mvhan_ml100k.py: {setting} is a setting of behaviour=causal, not of "
+                                f"behaviour={behaviour}: drop one of them")
   if behaviour == "causal":
     if name != "mvhan":
       raise configs.ConfigError("mvhan_ml100k.py: behaviour=causal applies to model=mvhan only")
@@ -110,6 +128,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.causal_dropout = 0.2
     c.loss.positions = "all"       # every history prefix against the item that followed it
     c.train_examples = "windows"
+    if "sasrec_paths" in args:
+      c.model.update(user_id_token=False, dropout=0.2, last_token_readout=True, item_id_residual=True)
+    if "gate" in args:
+      c.model.sasrec_gate = True
   if "typed" in args and "pooled" in args:
     raise configs.ConfigError("mvhan_ml100k.py: 'typed' and 'pooled' exclude each other; give one")
   if "typed" in args:
@@ -128,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dim = 32
     if name != "two_tower":
       c.model.update(fel_layers=1 if name == "mvhan" else 0, mrl_hidden=(128,),
-                     num_behaviour_tokens=configs.number_arg(args, "tokens", 10, __file__))
+                     num_behaviour_tokens=10 if tokens is None else tokens)
     else:
       c.model.hidden = (128,)
   typed_negatives = c.loss.negatives_per_type
@@ -149,6 +171,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 4000
     c.eval_every_steps = c.checkpoint_every_steps = 400
     c.early_stopping_patience = 5
+  if "steps" in args:
+    c.total_steps = configs.number_arg(args, "steps", None, __file__)
+    if c.total_steps < 1:
+      raise configs.ConfigError(f"mvhan_ml100k.py: steps={c.total_steps} must be >= 1")
+    c.eval_every_steps = c.checkpoint_every_steps = max(1, c.total_steps // 10)
   if smoke:
     c.batch_size = 64
   return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

@@ -241,6 +241,12 @@ class MVHAN(nn.Module):
       all-positions loss) and needs ``maxlen`` >= the history width.
     maxlen / causal_blocks / causal_heads / causal_dropout: the causal encoder's position table,
       depth, heads and dropout (read with behaviour_encoder='causal' only).
+    sasrec_gate: behaviour_encoder='causal' only: user vector = the causal encoder's state at the
+      newest position + g_u * (the FEL -> MLP head's output), item vector = the item's id embedding
+      + g_i * (its type head's output), with learned scalar gates g_u, g_i that start at 0 (ReZero),
+      so the model starts as SASRec (same encoder, same shared id table) and the profile and
+      content fields enter only as far as training finds them useful (``item_id_residual`` is then
+      implied).
   """
 
   num_users: int
@@ -269,6 +275,7 @@ class MVHAN(nn.Module):
   causal_blocks: int = 1
   causal_heads: int = 1
   causal_dropout: float = 0.2
+  sasrec_gate: bool = False
 
   def setup(self):
     if self.interaction not in ("mhsa", "mlp"):
@@ -319,6 +326,12 @@ class MVHAN(nn.Module):
         raise ValueError("model.last_token_readout needs behaviour tokens (num_behaviour_tokens > 0) and "
                          "interaction='mhsa'")
       self.last_readout = nn.Dense(self.dim, name="last_readout")
+    if self.sasrec_gate:
+      if not causal:
+        raise ValueError("model.sasrec_gate needs model.behaviour_encoder='causal' (the gate opens onto "
+                         "the causal encoder's state)")
+      self.user_gate = self.param("user_gate", nn.initializers.zeros, ())
+      self.item_gate = self.param("item_gate", nn.initializers.zeros, ())
     if self.learn_temperature:
       self.log_temperature = self.param("log_temperature", nn.initializers.constant(
           math.log(self.init_temperature)), ())
@@ -333,7 +346,9 @@ class MVHAN(nn.Module):
     return tuple(s for s in self.item_specs if s.name != TYPE_FIELD)
 
   def _out(self, x: jax.Array) -> jax.Array:
-    return l2_normalize(x, zero_safe=False) if self.normalize else x
+    # sasrec_gate: a padded position's (or an empty history's) user vector starts all-zero, whose
+    # norm has a NaN gradient; the other configurations keep the recorded results' exact arithmetic.
+    return l2_normalize(x, zero_safe=self.sasrec_gate) if self.normalize else x
 
   def type_index(self, item_ids: jax.Array, tables) -> jax.Array:
     """0-based type of items of any shape [...]: type t in 1..T -> t-1; unknown (0) -> 0 (type 1)."""
@@ -369,14 +384,18 @@ class MVHAN(nn.Module):
     return fixed
 
   def _user_head(self, tokens: jax.Array, mask: jax.Array, readout_slot: int, train: bool) -> jax.Array:
-    """FEL -> MLP (-> + the read-out at ``readout_slot``) -> normalised. tokens [N, F, D] -> [N, D]."""
+    """FEL -> MLP (-> + the read-out at ``readout_slot``) (-> state + gate * that) -> normalised.
+    tokens [N, F, D] -> [N, D]."""
     x = self.user_fel(tokens, mask, train)
     out = self.user_mlp(x, train)
+    D = self.dim
     if self.last_token_readout:
       # SASRec's read-out added to the MRL's: the FEL output at the most recent behaviour's slot
       # (zeros for an empty history), projected.
-      D = self.dim
       out = out + self.last_readout(x[:, readout_slot * D:(readout_slot + 1) * D])
+    if self.sasrec_gate:
+      # The FEL's input at the read-out slot is the causal state itself (zeros for an empty history).
+      out = tokens[:, readout_slot] + self.user_gate * out
     return self._out(out)
 
   def causal_sequence(self, batch, tables, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -456,7 +475,9 @@ class MVHAN(nn.Module):
     if not self.share_fel:
       x = _select(x, type_idx)
     out = _select(self.content_heads(x, train), type_idx)  # heads: [T, N, D]
-    if self.item_id_residual:
+    if self.sasrec_gate:
+      out = self.item_id_embedding(item_ids, tables) + self.item_gate * out
+    elif self.item_id_residual:
       out = out + self.item_id_embedding(item_ids, tables)
     return self._out(out)
 
@@ -508,6 +529,7 @@ def _common_kwargs(cfg, spec: DataSpec, fel_layers_default: int) -> dict:
       causal_blocks=cfg.get("causal_blocks", 1),
       causal_heads=cfg.get("causal_heads", 1),
       causal_dropout=cfg.get("causal_dropout", 0.2),
+      sasrec_gate=cfg.get("sasrec_gate", False),
   )
 
 

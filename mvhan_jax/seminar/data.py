@@ -18,7 +18,8 @@ Datasets:
 - ``synthetic``: `mvhan_jax.data.synthetic_gen`'s world; every exposure event is an event (search
   events carry their query, browsing events none; ``dataset.clicks_only`` keeps clicked events
   only). Modalities id, text, image: the world's two rotated noisy views of the item latent vector.
-- ``movielens_100k``: ratings in (timestamp, item id) order; no queries (Q = 1, all padding).
+- ``movielens_100k`` / ``movielens_1m``: ratings in (timestamp, item id) order; no queries (Q = 1,
+  all padding).
   Modalities id, text, genre: text = mean over the title's words (year removed) of a fixed Gaussian
   random vector per hashed word (crc32 mod ``dataset.text_buckets``, width ``dataset.text_dim``; a
   fixed random projection of the hashed bag of words, no learned text encoder); genre = the 18-dim
@@ -255,13 +256,19 @@ def genre_multi_hot(genres: np.ndarray, num_genres: int) -> np.ndarray:
   return out
 
 
+MOVIELENS = ("movielens_100k", "movielens_1m")
+
+
 def movielens_data(dcfg) -> SeminarData:
+  """MovieLens-100k or -1M (``dcfg.name``) as SEMINAR events: the same loaders, protocol order,
+  genre ids and title words as the retrieval models (ML-1M's genres use ML-100k's ids)."""
   from mvhan_jax.data import movielens  # pylint: disable=import-outside-toplevel
-  ml: InteractionData = movielens.load_movielens_100k(dcfg.get("data_dir"))
+  load = {"movielens_100k": movielens.load_movielens_100k, "movielens_1m": movielens.load_movielens_1m}[dcfg.name]
+  ml: InteractionData = load(dcfg.get("data_dir"))
   text = hashed_title_vectors(ml.item_titles, dcfg.text_buckets, dcfg.text_dim, dcfg.data_seed)
   genre = genre_multi_hot(ml.item_features["genres"], len(movielens.GENRES) - 1)
   query = np.zeros((len(ml.user), 1), np.int32)
-  return _assemble("ml-100k", ml.num_items, 1, ("id", "text", "genre"), {"text": text, "genre": genre},
+  return _assemble(ml.name, ml.num_items, 1, ("id", "text", "genre"), {"text": text, "genre": genre},
                    ml.user, ml.item, ml.timestamp, query, ml.num_users, dcfg.data_seed)
 
 
@@ -269,9 +276,9 @@ def load_data(config) -> SeminarData:
   name = config.dataset.name
   if name == "synthetic":
     return synthetic_data(config.dataset)
-  if name == "movielens_100k":
+  if name in MOVIELENS:
     return movielens_data(config.dataset)
-  raise ValueError(f"config.dataset.name={name!r} is unknown: use 'synthetic' or 'movielens_100k'")
+  raise ValueError(f"config.dataset.name={name!r} is unknown: use 'synthetic', {', '.join(map(repr, MOVIELENS))}")
 
 
 def check_split_matches_protocol(data: SeminarData, ml: InteractionData) -> bool:
