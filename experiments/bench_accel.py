@@ -123,8 +123,6 @@ def scatter_diagnostic(batch: int = 8192, maxlen: int = 50, rows: int = 1682, di
   return out
 
 
-
-
 def _nbytes(tree) -> int:
   return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree)))
 

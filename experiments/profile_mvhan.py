@@ -28,8 +28,8 @@ import gzip
 import json
 import os
 import platform
-import statistics
 import re
+import statistics
 import sys
 import tempfile
 import time

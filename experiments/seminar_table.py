@@ -115,8 +115,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   conf = f"experiments/configs/seminar_{FLAGS.dataset if FLAGS.dataset == 'synthetic' else 'ml100k'}.py"
-  if FLAGS.dataset == "ml1m":
-    conf += ":dataset=ml1m"
+  base_args = "dataset=ml1m" if FLAGS.dataset == "ml1m" else ""
   keys = FLAGS.rows or list(ROWS)
   unknown = set(keys) - set(ROWS)
   if unknown:
@@ -126,8 +125,8 @@ def main(argv):
   results, timing, data = {}, {}, None
   for seed in map(int, FLAGS.seeds):  # seed-major: a complete one-seed table comes first
     for run in runs:                   # RUNS order: 'psu' before the 'pq' run that reuses its PSU
-      args = RUNS[run]
-      cfg = configs.load_config(f"{conf}{',' if ':' in conf else ':'}{args}" if args else conf)
+      args = ",".join(a for a in (base_args, RUNS[run]) if a)
+      cfg = configs.load_config(f"{conf}:{args}" if args else conf)
       cfg.seed = seed
       configs.apply_overrides(cfg, FLAGS.override)
       cfg.eval.extra_attentions = extra[run]
@@ -164,7 +163,7 @@ the validation target. HR / NDCG / MRR: the target ranked against every item of 
 scored as the model's target), the user's history excluded, ties pessimistic. "sampled": against 99 random
 items the user never interacted with (the SEMINAR paper's protocol; biased upwards). Test metrics
 of the best-by-validation (sampled NDCG@10) checkpoint; mean ± std (sample std) over seeds {seeds}.
-Config: {conf} (its docstring has the world / data sizes).
+Config: {conf}{':' + base_args if base_args else ''} (its docstring has the world / data sizes).
 
 {table}
 

@@ -265,6 +265,18 @@ LEAVE_ONE_OUT_EXAMPLES = {"movielens_100k": 97_171, "movielens_1m": 982_089}
 ML1M_EPOCH_DIVISOR = 3  # ML-1M has 10x ML-100k's examples: a third of the epochs is still ~3.4x the steps
 
 
+def set_fixed_steps(c: ml_collections.ConfigDict, args: Mapping[str, str], config_file: str) -> None:
+  """Config arg ``steps=<int>``: a run of that many steps (instead of epochs), evaluated and
+  checkpointed every tenth of it; nothing when the arg is absent."""
+  if "steps" not in args:
+    return
+  steps = number_arg(args, "steps", None, config_file)
+  if steps < 1:
+    raise ConfigError(f"{os.path.basename(config_file)}: steps={steps} must be >= 1")
+  c.total_steps = steps
+  c.eval_every_steps = c.checkpoint_every_steps = max(1, steps // 10)
+
+
 def set_movielens_dataset(c: ml_collections.ConfigDict, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
   """Points a MovieLens-100k retrieval config at ``dataset=ml100k`` (unchanged) or ``ml1m``.
 

@@ -171,11 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 4000
     c.eval_every_steps = c.checkpoint_every_steps = 400
     c.early_stopping_patience = 5
-  if "steps" in args:
-    c.total_steps = configs.number_arg(args, "steps", None, __file__)
-    if c.total_steps < 1:
-      raise configs.ConfigError(f"mvhan_ml100k.py: steps={c.total_steps} must be >= 1")
-    c.eval_every_steps = c.checkpoint_every_steps = max(1, c.total_steps // 10)
+  configs.set_fixed_steps(c, args, __file__)
   if smoke:
     c.batch_size = 64
   return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

@@ -80,9 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2,000, 0.129 at 3,200 of 4,000 (experiments/results/sasrec_tuning.md).
     c.total_steps = 4000
     c.eval_every_steps = c.checkpoint_every_steps = 400
-  if "steps" in args:
-    c.total_steps = configs.number_arg(args, "steps", None, __file__)
-    c.eval_every_steps = c.checkpoint_every_steps = max(1, c.total_steps // 10)
+  configs.set_fixed_steps(c, args, __file__)
   c.loss.kind = "full_softmax" if softmax == "full" else "sampled_softmax"
   c.loss.temperature = configs.number_arg(args, "temperature", c.loss.temperature, __file__, float)
   return configs.set_movielens_dataset(c, args.get("dataset"), __file__)

