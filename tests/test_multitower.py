@@ -227,3 +227,18 @@ def test_unknown_choices_name_the_config_field():
   for field, value in (("extractor", "gru"), ("training", "soft"), ("score", "mean"), ("repel", "push")):
     with pytest.raises(ValueError, match=f"model.{field}"):
       build_model(_model_cfg(**{field: value}), data.spec)
+
+
+def test_paired_scores_are_the_diagonal_of_the_serving_scores():
+  """The training positives' scores (each user's own target only) equal the diagonal of the full
+  [B, B] serving scores, with dead interests ignored, for both training scores."""
+  rng = np.random.default_rng(3)
+  v = jnp.asarray(_unit(rng.normal(size=(5, 3, 6))), jnp.float32)
+  t = jnp.asarray(_unit(rng.normal(size=(5, 6))), jnp.float32)
+  mask = jnp.asarray(np.array([[1, 1, 1], [1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]], bool))
+  for score in ("max", "lse"):
+    full = np.asarray(multitower.interest_scores(v, mask, t, score, 0.1))
+    paired = np.asarray(multitower.paired_interest_scores(v, mask, t, score, 0.1))
+    np.testing.assert_allclose(paired, np.diagonal(full), rtol=1e-6, atol=1e-6)
+  # Hand check of one row: user 1 has only interest 0 live.
+  np.testing.assert_allclose(multitower.paired_interest_scores(v, mask, t)[1], float(v[1, 0] @ t[1]), rtol=1e-6)

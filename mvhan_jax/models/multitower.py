@@ -86,8 +86,25 @@ def interest_scores(interests: jax.Array, mask: jax.Array, cand: jax.Array, scor
     float [B, N]. Dead interests never contribute: they are replaced by a -1e9 score before the max
     (or the log-sum-exp, where exp underflows to exactly 0).
   """
-  s = jnp.einsum("bkd,nd->bkn", interests, cand)
-  s = jnp.where(mask[:, :, None], s, _NEG)
+  # One [B*K, D] x [D, N] matmul: XLA:CPU runs the 3-D einsum 'bkd,nd->bkn' (and its gradient) 2-3x
+  # slower at B = 128-256 (experiments/results/bench/README.md, multi-tower).
+  B, K, D = interests.shape
+  s = (interests.reshape(B * K, D) @ cand.T).reshape(B, K, cand.shape[0])
+  return _reduce_interests(jnp.where(mask[:, :, None], s, _NEG), score, lse_temperature)
+
+
+def paired_interest_scores(interests: jax.Array, mask: jax.Array, targets: jax.Array, score: str = "max",
+                           lse_temperature: float = 0.1) -> jax.Array:
+  """`interest_scores` of each user's own candidate only: the diagonal of ``interest_scores(interests,
+  mask, targets)`` without the [B, K, B] scores around it. targets float [B, D]. Returns [B]."""
+  # A multiply and a reduce (one fusion), not a dot with B batch dimensions of [K, D] x [D]: on the
+  # CPU that batched matvec and its gradient cost more than the [B, K, B] scores it replaces.
+  s = jnp.sum(interests * targets[:, None, :], axis=-1)
+  return _reduce_interests(jnp.where(mask, s, _NEG), score, lse_temperature)
+
+
+def _reduce_interests(s: jax.Array, score: str, lse_temperature: float) -> jax.Array:
+  """max or tau * logsumexp(. / tau) over axis 1 (the interests) of masked scores."""
   if score == "max":
     return jnp.max(s, axis=1)
   if score == "lse":
@@ -237,6 +254,12 @@ class MultiTower(nn.Module):
   def score_candidates(self, interests, mask, cand_emb, train: bool = False) -> jax.Array:
     """R4: serving scores [B, N] of shared candidates ``cand_emb`` [N, D] (before the temperature)."""
     return interest_scores(interests, mask, cand_emb, self.score if train else "max", self.lse_temperature)
+
+  def score_targets(self, interests, mask, target_emb, train: bool = False) -> jax.Array:
+    """R4 for each user's own target ``target_emb`` [B, D] only: [B], the diagonal of
+    ``score_candidates(interests, mask, target_emb)`` at 1/B of its cost (the training positives)."""
+    return paired_interest_scores(interests, mask, target_emb, self.score if train else "max",
+                                  self.lse_temperature)
 
   def aux_loss(self, interests, mask) -> jax.Array:
     """R5: lambda_rep * repel(interests, mask), a scalar (0 when ``repel='none'``)."""

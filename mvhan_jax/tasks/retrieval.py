@@ -340,9 +340,11 @@ def make_train_step(exp: Experiment, tx) -> Callable:
     if multi:
       interests, mask = users
       if train_equals_serve and cfg.kind == "sampled_softmax":
-        # Every candidate scored as at serving time: [B, B + S], the positives on the diagonal.
-        scores = model.apply(params, interests, mask, items, True, method=model.score_candidates, rngs=rngs)
-        serve_scores = (jnp.diagonal(scores[:, :b]), scores[:, b:])
+        # Every candidate scored as at serving time: each positive against its own user's interests
+        # [B], the shared negatives against every user's [B, S] (not the [B, B] block of other users'
+        # positives, which the sampled softmax never reads).
+        serve_scores = (model.apply(params, interests, mask, pos, True, method=model.score_targets, rngs=rngs),
+                        model.apply(params, interests, mask, neg, True, method=model.score_candidates, rngs=rngs))
       else:
         # Training readout (MIND: label-aware attention; ComiRec: the interest closest to the target).
         users = model.apply(params, interests, mask, pos, True, method=model.readout, rngs=rngs)
