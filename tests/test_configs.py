@@ -254,7 +254,8 @@ def test_mvhan_sasrec_paths_and_steps():
     _load("mvhan_ml100k", "steps=0")
   with pytest.raises(configs.ConfigError, match=r"sasrec_ml100k.py: steps=0 must be >= 1"):
     _load("sasrec_ml100k", "steps=0")
-  assert (_load("sasrec_ml100k", "steps=2000").total_steps, _load("sasrec_ml100k", "steps=2000").eval_every_steps) == (2000, 200)
+  c = _load("sasrec_ml100k", "steps=2000")
+  assert (c.total_steps, c.eval_every_steps, c.checkpoint_every_steps) == (2000, 200, 200)
 
 
 @pytest.mark.parametrize("script", ["ml100k_table", "ml1m_table"])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import collections
 
+from mvhan_jax import configs
 from mvhan_jax.data import protocol
 from mvhan_jax.data.pipeline import ArraySource
 from mvhan_jax.data.types import InteractionData
 
-DATASETS = ("movielens_100k", "movielens_1m", "synthetic", "interactions")
-MOVIELENS = ("movielens_100k", "movielens_1m")
+MOVIELENS = tuple(configs.MOVIELENS_DATASETS.values())  # the loaders: movielens.LOADERS
+DATASETS = MOVIELENS + ("synthetic", "interactions")
 
 
 def log_folder(config, quiet: bool = True) -> str:

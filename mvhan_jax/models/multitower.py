@@ -97,9 +97,7 @@ def paired_interest_scores(interests: jax.Array, mask: jax.Array, targets: jax.A
                            lse_temperature: float = 0.1) -> jax.Array:
   """`interest_scores` of each user's own candidate only: the diagonal of ``interest_scores(interests,
   mask, targets)`` without the [B, K, B] scores around it. targets float [B, D]. Returns [B]."""
-  # A multiply and a reduce (one fusion), not a dot with B batch dimensions of [K, D] x [D]: on the
-  # CPU that batched matvec and its gradient cost more than the [B, K, B] scores it replaces.
-  s = jnp.sum(interests * targets[:, None, :], axis=-1)
+  s = jnp.sum(interests * targets[:, None, :], axis=-1)  # <v_b^k, t_b>, [B, K]
   return _reduce_interests(jnp.where(mask, s, _NEG), score, lse_temperature)
 
 
