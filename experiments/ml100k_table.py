@@ -46,6 +46,8 @@ MODELS = {
     "mvhan_full": ("MV-HAN (genre-family content types, full softmax)", "experiments/configs/mvhan_ml100k.py"),
     "mvhan_causal": ("MV-HAN (causal behaviour encoder, SASRec's paths, full softmax)",
                      "experiments/configs/mvhan_ml100k.py:behaviour=causal,sasrec_paths"),
+    "mvhan_gate": ("MV-HAN (starts as SASRec, gated content and profile heads, full softmax)",
+                   "experiments/configs/mvhan_ml100k.py:sasrec_paths,gate"),
     "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py"),
     "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full"),
     "popularity": ("Popularity", None),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -43,6 +44,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mvhan_jax import artifacts
+from mvhan_jax import configs
 from mvhan_jax import evaluation
 from mvhan_jax import sharding
 from mvhan_jax import sparse
@@ -78,6 +80,9 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
   ``cfg.sparse_min_rows`` > 0: `sparse.SparseTableAdamW` instead, the same update for every
   parameter except the `nn.Embed` tables with at least that many rows, which are updated lazily
   (only the rows a batch looks up; mvhan_jax/sparse.py).
+  ``cfg.group_pattern`` (a regular expression over `param_path`, '' = off): the parameters it matches
+  train with the learning rate x ``cfg.group_lr_scale`` and the weight decay ``cfg.group_weight_decay``
+  (e.g. MV-HAN's gated heads against the SASRec part they start from).
   """
   warmup = max(min(cfg.warmup_steps, total_steps - 1), 1)
   if cfg.schedule == "cosine":
@@ -90,12 +95,52 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
   min_rows = cfg.get("sparse_min_rows", 0)
   if min_rows < 0:
     raise ValueError(f"config.optimizer.sparse_min_rows={min_rows}: use 0 (off) or a row count")
+  pattern = cfg.get("group_pattern", "")
+  if min_rows and pattern:
+    raise configs.ConfigError("config.optimizer.group_pattern is not supported with config.optimizer.sparse_min_rows: "
+                     "set one of them")
   if min_rows:
     return sparse.SparseTableAdamW(lr, cfg.weight_decay, cfg.grad_clip, min_rows)
+  adamw = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  if pattern:
+    adamw = _grouped_adamw(lr, cfg.weight_decay, pattern, cfg.get("group_lr_scale", 1.0),
+                           cfg.get("group_weight_decay", cfg.weight_decay))
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-      optax.adamw(lr, weight_decay=cfg.weight_decay),
+      adamw,
   )
+
+
+def param_path(path) -> str:
+  """A parameter's key path as 'params/content_fel/attention_0/LayerNorm_0/scale' (dict keys joined by '/')."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _grouped_adamw(lr, weight_decay: float, pattern: str, lr_scale: float, group_decay: float):
+  """AdamW whose parameters matching ``pattern`` (re.search over `param_path`) take the learning rate
+  x ``lr_scale`` and the decoupled weight decay ``group_decay``; the others ``lr`` and ``weight_decay``."""
+  if lr_scale <= 0 or group_decay < 0:
+    raise configs.ConfigError(f"config.optimizer.group_lr_scale={lr_scale} must be > 0 and group_weight_decay="
+                     f"{group_decay} >= 0")
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise configs.ConfigError(f"config.optimizer.group_pattern={pattern!r} is not a regular expression ({e}): "
+                              "fix it, e.g. '(content_heads|user_mlp)'") from None
+
+  def labels(params):
+    tree = jax.tree_util.tree_map_with_path(lambda p, _: "group" if regex.search(param_path(p)) else "rest",
+                                            params)
+    if "group" not in jax.tree_util.tree_leaves(tree):
+      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:4]
+      raise configs.ConfigError(f"config.optimizer.group_pattern={pattern!r} matches no parameter (paths look like "
+                       f"{paths}): fix the pattern or set it to ''")
+    return tree
+
+  return optax.multi_transform(
+      {"rest": optax.adamw(lr, weight_decay=weight_decay),
+       "group": optax.adamw(lambda step: lr_scale * lr(step), weight_decay=group_decay)},
+      labels)
 
 
 def example_batch(source, batch_size: int) -> dict[str, np.ndarray]:
