@@ -97,8 +97,8 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
     raise ValueError(f"config.optimizer.sparse_min_rows={min_rows}: use 0 (off) or a row count")
   pattern = cfg.get("group_pattern", "")
   if min_rows and pattern:
-    raise configs.ConfigError("config.optimizer.group_pattern is not supported with config.optimizer.sparse_min_rows: "
-                     "set one of them")
+    raise configs.ConfigError("config.optimizer.group_pattern is not supported with "
+                              "config.optimizer.sparse_min_rows: set one of them")
   if min_rows:
     return sparse.SparseTableAdamW(lr, cfg.weight_decay, cfg.grad_clip, min_rows)
   adamw = optax.adamw(lr, weight_decay=cfg.weight_decay)
@@ -113,15 +113,15 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
 
 def param_path(path) -> str:
   """A parameter's key path as 'params/content_fel/attention_0/LayerNorm_0/scale' (dict keys joined by '/')."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _grouped_adamw(lr, weight_decay: float, pattern: str, lr_scale: float, group_decay: float):
   """AdamW whose parameters matching ``pattern`` (re.search over `param_path`) take the learning rate
   x ``lr_scale`` and the decoupled weight decay ``group_decay``; the others ``lr`` and ``weight_decay``."""
   if lr_scale <= 0 or group_decay < 0:
-    raise configs.ConfigError(f"config.optimizer.group_lr_scale={lr_scale} must be > 0 and group_weight_decay="
-                     f"{group_decay} >= 0")
+    raise configs.ConfigError(f"config.optimizer.group_lr_scale={lr_scale} must be > 0 and "
+                              f"group_weight_decay={group_decay} >= 0")
   try:
     regex = re.compile(pattern)
   except re.error as e:
@@ -133,8 +133,8 @@ def _grouped_adamw(lr, weight_decay: float, pattern: str, lr_scale: float, group
                                             params)
     if "group" not in jax.tree_util.tree_leaves(tree):
       paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:4]
-      raise configs.ConfigError(f"config.optimizer.group_pattern={pattern!r} matches no parameter (paths look like "
-                       f"{paths}): fix the pattern or set it to ''")
+      raise configs.ConfigError(f"config.optimizer.group_pattern={pattern!r} matches no parameter (paths "
+                                f"look like {paths}): fix the pattern or set it to ''")
     return tree
 
   return optax.multi_transform(

@@ -116,7 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = m
   else:
     raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
-  if {"head_lr", "head_wd"} & set(args):
+  head_args = {"head_lr", "head_wd"} & set(args)
+  if head_args:
     args["gate"] = ""  # head_lr= / head_wd= set the gated heads' optimizer: they imply gate
   behaviour = args.get("behaviour", "causal" if {"sasrec_paths", "gate"} & set(args) else "tokens")
   if behaviour not in ("tokens", "causal"):
@@ -142,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.update(user_id_token=False, dropout=0.2, last_token_readout=True, item_id_residual=True)
     if "gate" in args:
       c.model.sasrec_gate = True
-  if {"head_lr", "head_wd"} & set(args):
+  if head_args:
     c.optimizer.group_pattern = GATED_HEADS
     c.optimizer.group_lr_scale = configs.number_arg(args, "head_lr", 1.0, __file__, float)
     c.optimizer.group_weight_decay = configs.number_arg(args, "head_wd", c.optimizer.weight_decay, __file__, float)
