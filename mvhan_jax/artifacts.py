@@ -47,6 +47,7 @@ FORMAT = 1
 # Config fields (flattened 'a.b' names; a name covers its sub-fields) outside the config hash.
 IGNORED_FIELDS = (
     "dataset.data_dir", "dataset.retrieval_workdir", "pretrain.checkpoint",  # paths
+    "warm_start.workdir",
     "log_every_steps", "progress", "tensorboard", "prefetch",                # logging, input threads
     "fail_at_step", "stop_at_step", "pretrain.stop_at_step",                 # test hooks
     "checkpoint_every_steps",                                                # when to save, not what

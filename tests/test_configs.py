@@ -41,7 +41,7 @@ EXAMPLES = {
     "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
     "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled", "behaviour": "causal", "sasrec_paths": None,
-                     "gate": None, "head_lr": "0.1", "head_wd": "1.0"},
+                     "gate": None, "head_lr": "0.1", "head_wd": "1.0", "sasrec_init": "frozen"},
     "mvhan_synthetic": {**{k: v for k, v in _MVHAN.items() if k != "steps"}, "softmax": "sampled"},
     "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",
@@ -250,6 +250,12 @@ def test_mvhan_sasrec_paths_and_steps():
   assert gate.model.sasrec_gate and not paths.model.get("sasrec_gate", False) and gate.model.behaviour_encoder == "causal"
   with pytest.raises(configs.ConfigError, match=r"gate is a setting of behaviour=causal"):
     _load("mvhan_ml100k", "behaviour=tokens,gate")
+  frozen = _load("mvhan_ml100k", "sasrec_paths,sasrec_init=frozen,steps=12000,dataset=ml1m")
+  assert frozen.model.sasrec_gate and frozen.warm_start.freeze
+  assert frozen.warm_start.workdir.startswith("runs/ml1m_table/") and frozen.warm_start.workdir.endswith("/seed{seed}")
+  assert not _load("mvhan_ml100k", "sasrec_init=tuned").warm_start.freeze
+  with pytest.raises(configs.ConfigError, match=r"sasrec_init='fixed' is unknown: use 'frozen' or 'tuned'"):
+    _load("mvhan_ml100k", "sasrec_init=fixed")
   with pytest.raises(configs.ConfigError, match=r"steps=0 must be >= 1"):
     _load("mvhan_ml100k", "steps=0")
   with pytest.raises(configs.ConfigError, match=r"sasrec_ml100k.py: steps=0 must be >= 1"):

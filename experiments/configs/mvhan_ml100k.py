@@ -50,6 +50,13 @@ Arguments after ':' (comma-separated key=value or flags):
   head_lr=<x>, head_wd=<w>       gate (implied) with its gated heads (GATED_HEADS) trained at the
                                  learning rate x the others' and with decoupled weight decay w
                                  (defaults 1 and 1e-4, config.optimizer.group_*)
+  sasrec_init=frozen|tuned       gate (implied) on a trained SASRec: the SASRec part (id table,
+                                 positions, causal block, norm) loaded from the best checkpoint of
+                                 the table's SASRec (full softmax) run of the same seed
+                                 (SASREC_WORKDIRS, config.warm_start, mvhan_jax/warm_start.py) and
+                                 kept fixed ('frozen') or trained on ('tuned'); train that run first:
+                                 python experiments/ml100k_table.py --models=sasrec_full (ml1m_table.py
+                                 on ML-1M, its 12,000-step row), or set --config.warm_start.workdir
   steps=<int>                    a fixed number of training steps instead of epochs, evaluated every
                                  steps/10 (behaviour=causal: default 4,000, SASRec's ML-100k budget;
                                  SASRec's ML-1M one is 12,000)
@@ -69,9 +76,18 @@ from mvhan_jax import configs
 
 ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
         "learn_temperature", "softmax=", "smoke", "dataset=", "behaviour=", "tokens=", "sasrec_paths",
-        "gate", "steps=", "head_lr=", "head_wd=")
+        "gate", "steps=", "head_lr=", "head_wd=", "sasrec_init=")
 # The parameters `gate` adds to SASRec's (the causal encoder, positions and the shared item-id table):
 # the FELs, MLP heads, read-out, content and profile field embeddings, the user-id table and the gates.
+# sasrec_init=: SASRec's parameter names (models/sasrec.py) -> the SASRec part of MV-HAN (models/mvhan.py).
+SASREC_TO_MVHAN = ((r"^params/item_id_embed/", "params/content_embed/id_embed/"),
+                   (r"^params/block_(\d+)/", r"params/causal_\1/"),
+                   (r"^params/final_norm/", "params/causal_norm/"))
+# The table scripts' SASRec (full softmax) workdir of each dataset; {seed} is config.seed.
+SASREC_WORKDIRS = {
+    "ml100k": "runs/ml100k_table/experiments_configs_sasrec_ml100k.py_softmax=full/seed{seed}",
+    "ml1m": "runs/ml1m_table/experiments_configs_sasrec_ml100k.py_softmax=full,steps=12000,dataset=ml1m/seed{seed}",
+}
 GATED_HEADS = (r"(content_fel|content_heads|content_embed/fields|user_id_embed|user_fel|user_mlp|user_fields|"
                r"last_readout|user_gate|item_gate)")
 
@@ -117,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
   head_args = {"head_lr", "head_wd"} & set(args)
-  if head_args:
+  if head_args or "sasrec_init" in args:
     args["gate"] = ""  # head_lr= / head_wd= set the gated heads' optimizer: they imply gate
   behaviour = args.get("behaviour", "causal" if {"sasrec_paths", "gate"} & set(args) else "tokens")
   if behaviour not in ("tokens", "causal"):
@@ -143,6 +159,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.update(user_id_token=False, dropout=0.2, last_token_readout=True, item_id_residual=True)
     if "gate" in args:
       c.model.sasrec_gate = True
+  if "sasrec_init" in args:
+    init = args["sasrec_init"]
+    if init not in ("frozen", "tuned"):
+      raise configs.ConfigError(f"mvhan_ml100k.py: sasrec_init={init!r} is unknown: use 'frozen' or 'tuned'")
+    c.warm_start = ml_collections.ConfigDict()
+    c.warm_start.workdir = SASREC_WORKDIRS.get(args.get("dataset", "ml100k"), "") if not smoke else ""
+    c.warm_start.rename = SASREC_TO_MVHAN
+    c.warm_start.freeze = init == "frozen"
   if head_args:
     c.optimizer.group_pattern = GATED_HEADS
     c.optimizer.group_lr_scale = configs.number_arg(args, "head_lr", 1.0, __file__, float)

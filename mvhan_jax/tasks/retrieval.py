@@ -32,6 +32,7 @@ from mvhan_jax import retrieval
 from mvhan_jax import sharding
 from mvhan_jax import sparse
 from mvhan_jax import train as loop
+from mvhan_jax import warm_start
 from mvhan_jax import workdir as wd
 from mvhan_jax.data import pipeline
 from mvhan_jax.data import protocol
@@ -97,6 +98,7 @@ def check_config(config) -> None:
   configs.check_min(config, ("maxlen",), meaning="history length")
   configs.check_min(config, ("eval_every_steps",), 0, "0: evaluate at the end only")
   configs.check_min(config, ("early_stopping_patience",), 0, "0: never stop early")
+  warm_start.check(config)
   if config.loss.kind == "sampled_softmax":
     configs.check_min(config, ("loss.num_negatives",), meaning="sampled negatives per step")
   if config.loss.kind == "full_softmax" and config.loss.get("negatives_per_type", False):
@@ -613,13 +615,24 @@ class RetrievalTask:
       raise configs.ConfigError(f"config.batch_size={config.batch_size} exceeds the {n} training examples: lower it")
     total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
     tx = make_optimizer(config.optimizer, total_steps)
+    on_start = None
+    if warm_start.enabled(config):  # parameters from another run's best checkpoint (mvhan_jax/warm_start.py)
+      source = warm_start.load_source(config)
+      where = f"config.warm_start.workdir={warm_start.source_workdir(config)!r}"
+      # Names, shapes and dtypes checked before anything trains (a ConfigError, no traceback).
+      warm_start.merge(jax.eval_shape(_params_init_fn(exp), jax.random.key(0), example_batch(exp.train_source, 2)),
+                       source, where)
+      if config.warm_start.get("freeze", False):
+        tx = warm_start.freeze(tx, source)
+      on_start = lambda state: state.replace(  # noqa: E731
+          params=warm_start.merge(sharding.host_local(state.params), source, where))
     yield loop.Stage(
         name="", config=config, total_steps=total_steps, batch_size=config.batch_size,
         steps_per_epoch=steps_per_epoch,
         dataset=lambda shard, count: train_dataset(exp, config.batch_size, config.seed, shard, count),
         tx=tx, init_params=_params_init_fn(exp), init_args=(example_batch(exp.train_source, 2),),
         train_step=make_train_step(exp, tx), consts=exp.tables, key=jax.random.key(config.seed),
-        evaluate=lambda params, split: evaluate(exp, params, split),
+        on_start=on_start, evaluate=lambda params, split: evaluate(exp, params, split),
         eval_every=config.eval_every_steps or steps_per_epoch * config.get("eval_every_epochs", 0),
         select_metric=config.select_metric,
         patience=config.early_stopping_patience, log_every=config.log_every_steps,

@@ -250,11 +250,6 @@ def _codebook_shape(config, data):
   return (len(data.modality_names) + 1, m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
 
 
-def _codebook_shape(config, data):
-  m = config.model
-  return (len(data.modality_names) + 1, m.pq_subspaces, m.pq_centroids, m.dim // m.pq_subspaces)
-
-
 def _params_fn(exp: SeminarExperiment):
   """init(key, example, tables, embedder params or None) -> params; the PSU's embedder replaces
   the embedder's random init."""
