@@ -50,6 +50,9 @@ MODELS = {
                    "experiments/configs/mvhan_ml100k.py:sasrec_paths,gate"),
     "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py"),
     "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full"),
+    # After sasrec_full: its heads sit on that row's trained SASRec of the same seed (mvhan_ml100k.py sasrec_init=).
+    "mvhan_frozen": ("MV-HAN (gated content and profile heads on a frozen trained SASRec, full softmax)",
+                     "experiments/configs/mvhan_ml100k.py:sasrec_paths,sasrec_init=frozen"),
     "popularity": ("Popularity", None),
     "markov": ("Markov chain (first order)", None),
 }

@@ -52,8 +52,8 @@ def _compile_rules(config) -> list[tuple[re.Pattern, str]]:
   return rules
 
 
-def load_source(config) -> dict[str, np.ndarray]:
-  """{path here: array} of the source workdir's best parameters, renamed by config.warm_start.rename."""
+def _source_checkpoint(config):
+  """(manager, step, {path: [shape, dtype]}) of the source workdir's best checkpoint."""
   src = source_workdir(config)
   path = wd.path(src) / "best"
   mngr = loop.checkpoint_manager(path, 1) if wd.exists(path) else None
@@ -61,24 +61,43 @@ def load_source(config) -> dict[str, np.ndarray]:
   if step is None:
     raise configs.ConfigError(f"config.warm_start.workdir={src!r} holds no best checkpoint ({path}): train that "
                               "run first (the config's docstring names its command) or fix the path")
-  stamp = loop.checkpoint_stamp(mngr, step) or {}
-  leaves = stamp.get("leaves")
+  leaves = (loop.checkpoint_stamp(mngr, step) or {}).get("leaves")
   if not leaves:
     raise configs.ConfigError(f"{path}/{step} has no leaf signature (saved by an older version): retrain the "
                               "source run")
+  return mngr, step, leaves
+
+
+def _rename(config, paths) -> dict[str, str]:
+  """{source path: path here} for the source paths the rename rules do not map to ''."""
+  rules = _compile_rules(config)
+  out = {}
+  for source in paths:
+    p = source
+    for regex, repl in rules:
+      p = regex.sub(repl, p)
+    if p:
+      out[source] = p
+  return out
+
+
+def source_names(config) -> set[str]:
+  """The parameter paths here that the source loads into (from its checkpoint's stamp: no array read)."""
+  _, _, leaves = _source_checkpoint(config)
+  return set(_rename(config, leaves).values())
+
+
+def load_source(config) -> dict[str, np.ndarray]:
+  """{path here: array} of the source workdir's best parameters, renamed by config.warm_start.rename."""
+  mngr, step, leaves = _source_checkpoint(config)
   # The restore target from the stamp's signature: shapes and dtypes, on the host.
   flat = {p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in leaves.items()}
   target = flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
   tree, _ = loop.restore_checkpoint(mngr, step, target)
-  rules = _compile_rules(config)
-  out = {}
-  for p, value in flax.traverse_util.flatten_dict(tree, sep="/").items():
-    for regex, repl in rules:
-      p = regex.sub(repl, p)
-    if p:
-      out[p] = np.asarray(value)
+  values = flax.traverse_util.flatten_dict(tree, sep="/")
+  out = {here: np.asarray(values[source]) for source, here in _rename(config, values).items()}
   if jax.process_index() == 0:
-    print(f"warm start: {len(out)} arrays from {path} (step {step})", flush=True)
+    print(f"warm start: {len(out)} arrays from {wd.path(mngr.directory)} (step {step})", flush=True)
   return out
 
 

@@ -75,6 +75,11 @@ def test_frozen_warm_start_trains_only_the_heads(sasrec_workdir, tmp_path):
   for path, value in source.items():
     np.testing.assert_array_equal(flat[path], value, err_msg=path)
   assert float(flat["params/user_gate"]) != 0.0 or float(flat["params/item_gate"]) != 0.0
+  # The latest checkpoint's optimizer state has the frozen layout: it restores (and resumes) too.
+  latest, step = rtask.restore_params(str(tmp_path), task.exp, "latest")
+  assert step == 20
+  np.testing.assert_array_equal(_flat(sharding.host_local(latest))["params/causal_norm/scale"],
+                                source["params/causal_norm/scale"])
   # Tuned (not frozen): the loaded parameters move too.
   tuned = _mvhan_config(sasrec_workdir, freeze=False)
   tasks.train_and_evaluate(tuned, str(tmp_path / "tuned"))

@@ -492,9 +492,21 @@ def evaluate(exp: Experiment, params, split: str) -> dict[str, float]:
   return out
 
 
+def make_tx(config, total_steps: int, frozen: bool = True):
+  """The run's optimizer: `train.make_optimizer`, and with config.warm_start.freeze the parameters the
+  source loads into held fixed (their names from the source checkpoint's stamp). ``frozen=False``:
+  without that wrapper (a template whose optimizer state is not read)."""
+  tx = make_optimizer(config.optimizer, total_steps)
+  if frozen and warm_start.enabled(config) and config.warm_start.get("freeze", False):
+    tx = warm_start.freeze(tx, warm_start.source_names(config))
+  return tx
+
+
 def restore_params(workdir, exp: Experiment, which: str = "best") -> tuple[Any, int]:
-  """Parameters of the best-by-validation (or latest) checkpoint, and its step."""
-  return loop.restore_params(workdir, abstract_state(exp, make_optimizer(exp.config.optimizer, 1)), which, exp.config)
+  """Parameters of the best-by-validation (or latest) checkpoint, and its step. 'best' holds the
+  parameters alone, so a warm-started run's source is read only for 'latest' (the optimizer state)."""
+  tx = make_tx(exp.config, 1, frozen=which != "best")
+  return loop.restore_params(workdir, abstract_state(exp, tx), which, exp.config)
 
 
 def index_provenance(exp: Experiment, workdir, step: int) -> dict[str, Any]:
@@ -614,7 +626,7 @@ class RetrievalTask:
     if steps_per_epoch == 0:
       raise configs.ConfigError(f"config.batch_size={config.batch_size} exceeds the {n} training examples: lower it")
     total_steps = config.get("total_steps") or config.num_epochs * steps_per_epoch
-    tx = make_optimizer(config.optimizer, total_steps)
+    tx = make_tx(config, total_steps)
     on_start = None
     if warm_start.enabled(config):  # parameters from another run's best checkpoint (mvhan_jax/warm_start.py)
       source = warm_start.load_source(config)
@@ -622,8 +634,6 @@ class RetrievalTask:
       # Names, shapes and dtypes checked before anything trains (a ConfigError, no traceback).
       warm_start.merge(jax.eval_shape(_params_init_fn(exp), jax.random.key(0), example_batch(exp.train_source, 2)),
                        source, where)
-      if config.warm_start.get("freeze", False):
-        tx = warm_start.freeze(tx, source)
       on_start = lambda state: state.replace(  # noqa: E731
           params=warm_start.merge(sharding.host_local(state.params), source, where))
     yield loop.Stage(
