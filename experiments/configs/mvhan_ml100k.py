@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise configs.ConfigError(f"mvhan_ml100k.py: model={name!r} is unknown: use mvhan, mv_dnn or two_tower")
   head_args = {"head_lr", "head_wd"} & set(args)
   if head_args or "sasrec_init" in args:
-    args["gate"] = ""  # head_lr= / head_wd= set the gated heads' optimizer: they imply gate
+    args["gate"] = ""  # head_lr= / head_wd= (the gated heads' optimizer) and sasrec_init= imply gate
   behaviour = args.get("behaviour", "causal" if {"sasrec_paths", "gate"} & set(args) else "tokens")
   if behaviour not in ("tokens", "causal"):
     raise configs.ConfigError(f"mvhan_ml100k.py: behaviour={behaviour!r} is unknown: use 'tokens' or 'causal'")
