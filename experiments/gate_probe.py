@@ -19,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from mvhan_jax import configs
+from mvhan_jax import host_memory
 from mvhan_jax.tasks import retrieval as rtask
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,7 @@ def gates_closed(params):
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   cfg = configs.apply_overrides(configs.load_config(FLAGS.config), FLAGS.override)
   if not cfg.model.get("sasrec_gate", False):

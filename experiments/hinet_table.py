@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from mvhan_jax import host_memory
 from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
@@ -186,6 +187,7 @@ Machine: {report.machine_description()}.
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   for dataset in FLAGS.datasets:
     if dataset not in CONFIGS:

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from mvhan_jax import baselines
+from mvhan_jax import host_memory
 from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
@@ -68,6 +69,7 @@ def markov_chain(exp) -> dict[str, float]:
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   if FLAGS.models == ["all"]:
     keys = list(MODELS)

@@ -23,6 +23,7 @@ from absl import logging
 
 from mvhan_jax import baselines
 from mvhan_jax import configs
+from mvhan_jax import host_memory
 from mvhan_jax import report
 from mvhan_jax import tasks
 from mvhan_jax.tasks import retrieval as rtask
@@ -82,6 +83,7 @@ def no_training_rows(keys: list[str]) -> dict[str, list[dict[str, float]]]:
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   keys = selected(FLAGS.models)
   rows = {}

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvhan_jax import host_memory
 from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import evaluation
@@ -265,6 +266,7 @@ def run_cold_start(seeds, timing) -> tuple[dict[str, list[dict]], dict]:
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   seeds = [int(s) for s in FLAGS.seeds]
   timing, parts = {}, []

@@ -35,6 +35,7 @@ from mvhan_jax import baselines
 from mvhan_jax import evaluation
 from mvhan_jax.data import protocol
 from mvhan_jax import configs
+from mvhan_jax import host_memory
 from mvhan_jax.ranking import candidates as retrieval_candidates
 from mvhan_jax.tasks import retrieval as rtask
 
@@ -91,6 +92,7 @@ def tie_report(data, seed: int) -> None:
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   config = configs.apply_overrides(configs.load_config(FLAGS.config), FLAGS.override)
   if FLAGS.ties:
     tie_report(rtask.build_experiment(config).data, FLAGS.seed)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mvhan_jax import configs
+from mvhan_jax import host_memory
 from mvhan_jax import layers
 from mvhan_jax import report
 from mvhan_jax import train
@@ -184,6 +185,7 @@ def profile(batch_size: int, config: str, overrides=(), repeats: int = 20, trace
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   rows = [r for b in FLAGS.batch_sizes
           for r in profile(int(b), FLAGS.config, FLAGS.override, FLAGS.repeats, FLAGS.trace)]

@@ -36,6 +36,7 @@ from absl import logging
 import numpy as np
 
 from mvhan_jax import evaluation
+from mvhan_jax import host_memory
 from mvhan_jax import report
 from mvhan_jax import tables
 from mvhan_jax import tasks
@@ -91,6 +92,7 @@ def metrics_of(positions: np.ndarray, n: int) -> dict[str, float]:
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   arg = FLAGS.retrieval_config + (",dataset=ml1m" if FLAGS.dataset == "ml1m" else "")
   rcfg = load_config(arg)

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mvhan_jax import host_memory
 from mvhan_jax import tasks
 from mvhan_jax import report
 
@@ -57,6 +58,7 @@ def _ranker(config_arg: str, workdir: str):
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   rcfg = load_config(FLAGS.retrieval_config)
   rcfg.progress = False

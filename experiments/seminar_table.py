@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mvhan_jax import host_memory
 from mvhan_jax import tasks
 from mvhan_jax import configs
 from mvhan_jax import report
@@ -113,6 +114,7 @@ def _cached_or_run(cfg, workdir, data):
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array: each step reuses its host memory
   logging.set_verbosity(logging.WARNING)
   conf = f"experiments/configs/seminar_{FLAGS.dataset if FLAGS.dataset == 'synthetic' else 'ml100k'}.py"
   base_args = "dataset=ml1m" if FLAGS.dataset == "ml1m" else ""

@@ -33,6 +33,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mvhan_jax import errors
+from mvhan_jax import host_memory  # defines --reuse_host_memory
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, index and results (local or gs://...).")
@@ -56,6 +57,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  host_memory.configure()  # before JAX's first array (--noreuse_host_memory: off)
   from mvhan_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, workdir=FLAGS.workdir)
   from mvhan_jax import modes  # pylint: disable=import-outside-toplevel

@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from mvhan_jax import artifacts
 from mvhan_jax import configs
 from mvhan_jax import evaluation
+from mvhan_jax import host_memory
 from mvhan_jax import sharding
 from mvhan_jax import sparse
 from mvhan_jax import workdir as wd
@@ -109,6 +110,15 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation | spar
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
       adamw,
   )
+
+
+def freeze(tx, is_frozen: Callable[[Any], bool]) -> optax.GradientTransformation:
+  """``tx`` for every parameter but those whose key path ``is_frozen`` accepts, which get zero updates
+  (`optax.set_to_zero`; their gradients do not reach ``tx``, so they count in no clip norm).
+  Used by SEMINAR's frozen embedder (config.pretrain.freeze) and warm starts (config.warm_start.freeze)."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if is_frozen(p) else "train", params)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def param_path(path) -> str:
@@ -533,7 +543,7 @@ def run_stage(stage: Stage, workdir) -> tuple[Any, dict]:
 
   with _SigtermFlag() as sigterm:
     while step < stage.total_steps and not meta["stopped_early"]:
-      batch = sharding.global_batch(next(batches), data_sharding)
+      batch = host_memory.ready(sharding.global_batch(next(batches), data_sharding))  # CPU: the step runs inline
       state, metrics = train_step(state, batch, consts, step_key)
       step += 1
       bar.update(1)

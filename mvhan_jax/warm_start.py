@@ -125,11 +125,7 @@ def merge(params, source: dict[str, np.ndarray], where: str = "config.warm_start
 def freeze(tx, frozen_paths) -> optax.GradientTransformation:
   """``tx`` for every parameter but those in ``frozen_paths`` (`train.param_path` names), which stay put."""
   frozen_paths = set(frozen_paths)
-
-  def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "frozen" if loop.param_path(p) in frozen_paths else "train", params)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return loop.freeze(tx, lambda p: loop.param_path(p) in frozen_paths)
 
 
 def check(config) -> None:

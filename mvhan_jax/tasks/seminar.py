@@ -240,9 +240,7 @@ def downstream_optimizer(config, total_steps):
   tx = make_optimizer(config.optimizer, total_steps)
   if not config.pretrain.freeze:
     return tx
-  labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-      lambda p, _: "frozen" if is_embedder_path(p) else "train", params)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return loop.freeze(tx, is_embedder_path)
 
 
 def _codebook_shape(config, data):
