@@ -162,6 +162,7 @@ def main():
       data_dir = os.path.join(root, f"cache_{rows}_{engine}")
       r = convert(path, data_dir, engine, args.shards)
       shas[engine] = r.pop("sha256")
+      r["folder"] = os.path.relpath(r["folder"], root)  # under --workdir: no machine's paths in the JSON
       r["rows_per_s"] = rows / r["seconds"]
       row["engines"][engine] = r
       print(f"{rows:>11,} rows  {engine:5s}  {r['seconds']:7.1f} s  {r['rows_per_s']:>10,.0f} rows/s  "

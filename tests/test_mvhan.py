@@ -10,7 +10,7 @@ import pytest
 
 from mvhan_jax.data.types import InteractionData
 from mvhan_jax.features import FeatureSpec
-from mvhan_jax.models.mvhan import (MODELS, MVDNN, MVHAN, AttentionBlock, from_config, mv_dnn_from_config,
+from mvhan_jax.models.mvhan import (MODELS, MVDNN, MVHAN, AttentionBlock, FEL, from_config, mv_dnn_from_config,
                                    recent_behaviours)
 
 T, D, I = 3, 8, 8
@@ -383,7 +383,7 @@ def test_attention_ignores_padded_tokens_even_when_huge():
   np.testing.assert_allclose(forward(p, noisy)[0], u, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_block_masks_padded_keys_and_queries():
+def test_attention_block_masks_padded_keys():
   """The towers zero padded tokens before the FEL too; this checks the block's own key mask."""
   block = AttentionBlock(num_heads=2)
   rng = np.random.default_rng(1)
@@ -393,9 +393,26 @@ def test_attention_block_masks_padded_keys_and_queries():
   apply = jax.jit(block.apply)
   y = apply(params, x, mask)
   y2 = apply(params, x.at[:, 3:].set(jnp.asarray(rng.normal(size=(2, 2, D)) * 100, jnp.float32)), mask)
-  np.testing.assert_allclose(y2[0, :3], y[0, :3], rtol=1e-5, atol=1e-6)  # padded keys are not attended
+  np.testing.assert_array_equal(y2[0, :3], y[0, :3])  # padded keys are not attended: weight exactly 0
+  assert np.all(np.isfinite(y[1]))  # a fully masked row stays finite (uniform softmax, not NaN)
+
+
+def test_fel_zeroes_padded_tokens_and_ignores_them_through_every_block():
+  """Padded rows are left as they are between blocks; after two blocks a live token still has never
+  seen them (exactly), and the FEL's output holds zeros in their place."""
+  fel = FEL(num_layers=2, num_heads=2)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 5, D)), jnp.float32)
+  mask = jnp.array([[True, True, True, False, False], [True] * 5, [False] * 5])
+  params = _draw(jax.eval_shape(fel.init, KEY, x, mask))
+  apply = jax.jit(fel.apply)
+  y = apply(params, x, mask).reshape(3, 5, D)
+  noisy = x.at[:, 3:].set(jnp.asarray(rng.normal(size=(3, 2, D)) * 1e3, jnp.float32))
+  y2 = apply(params, noisy, mask).reshape(3, 5, D)
+  np.testing.assert_array_equal(y2[0, :3], y[0, :3])
   np.testing.assert_array_equal(y[0, 3:], 0.0)  # padded queries carry nothing onward
-  np.testing.assert_array_equal(y[1], 0.0)  # a fully masked row: zeros, not NaN
+  np.testing.assert_array_equal(y[2], 0.0)  # a fully masked row: zeros, not NaN
+  assert not np.allclose(y2[1, 3:], y[1, 3:])  # a live token at the same place does count
 
 
 def test_mlp_interaction_has_no_attention_parameters():
