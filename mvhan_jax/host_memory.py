@@ -5,7 +5,7 @@ XLA on CPU allocates each step's temporary buffer (tens to hundreds of MB: MV-HA
 mmap threshold (at most 32 MB) or one larger than a thread arena's heap (64 MB) with a fresh
 ``mmap`` and returns it with ``munmap``, so every step touches new pages: the kernel faults and
 zeroes each 4 KiB page again. MV-HAN's step at batch 256 took 18,212 minor faults and 30 ms of
-system time per step, a third of its wall time (experiments/results/bench/README.md, "Host memory").
+system time per step (of a 64 ms step; experiments/results/bench/README.md, "Host memory").
 
 `configure` takes both causes away:
 - ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, <2 GiB>)``: the main arena grows with

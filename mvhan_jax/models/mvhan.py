@@ -154,7 +154,7 @@ class AttentionBlock(nn.Module):
     # min, not -inf, so the softmax is uniform, not NaN). No jnp.where on the residual: zeroing padded
     # rows after every block gave bit-identical outputs and gradients, but XLA CPU fused the backward
     # of that chain of selects into a transposing loop that took 2 ms of MV-HAN's 36 ms step at batch
-    # 256 (bench README, "MV-HAN's step, profiled").
+    # 256 (bench README, "The FEL's residual masking").
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=0.0)(
         h, h, mask=mask[:, None, None, :])
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
