@@ -54,6 +54,10 @@ MODELS = {
     # After sasrec_full: its heads sit on that row's trained SASRec of the same seed (mvhan_ml100k.py sasrec_init=).
     "mvhan_frozen": ("MV-HAN (gated content and profile heads on a frozen trained SASRec, full softmax)",
                      "experiments/configs/mvhan_ml100k.py:sasrec_paths,sasrec_init=frozen"),
+    "mvhan_tuned": ("MV-HAN (gated content and profile heads on a trained SASRec, tuned, full softmax)",
+                    "experiments/configs/mvhan_ml100k.py:sasrec_paths,sasrec_init=tuned"),
+    "mvhan_tuned_lr": ("MV-HAN (gated heads on a trained SASRec tuned at 0.1x the learning rate, full softmax)",
+                       "experiments/configs/mvhan_ml100k.py:sasrec_paths,sasrec_init=tuned,sasrec_lr=0.1"),
     "popularity": ("Popularity", None),
     "markov": ("Markov chain (first order)", None),
 }

@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import os
 import sys
 
 import pytest
@@ -47,3 +48,18 @@ def fake_gcs(monkeypatch, tmp_path):
   yield FakeGCS
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local one"
+
+
+@pytest.fixture(scope="session")
+def sasrec_workdir(tmp_path_factory):
+  """A finished 40-step SASRec (full softmax) run on MovieLens-100k (smoke), read-only for the tests:
+  the warm-start source of tests/test_warm_start.py and a workdir for tests/test_paired_compare.py."""
+  from mvhan_jax import tasks  # pylint: disable=import-outside-toplevel
+  from mvhan_jax.configs import apply_overrides, load_config  # pylint: disable=import-outside-toplevel
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",
+                        "sasrec_ml100k.py")
+  workdir = str(tmp_path_factory.mktemp("sasrec"))
+  cfg = apply_overrides(load_config(f"{config}:smoke,softmax=full"),
+                        ["total_steps=40", "eval_every_steps=20", "index.build=False"])
+  tasks.train_and_evaluate(cfg, workdir)
+  return workdir

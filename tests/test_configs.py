@@ -41,7 +41,8 @@ EXAMPLES = {
     "multitower_ml100k": {**_MULTITOWER, **_ML1M},
     "multitower_synthetic": {**_MULTITOWER, "protocol": "comirec"},
     "mvhan_ml100k": {**_MVHAN, **_ML1M, "softmax": "sampled", "behaviour": "causal", "sasrec_paths": None,
-                     "gate": None, "head_lr": "0.1", "head_wd": "1.0", "sasrec_init": "frozen"},
+                     "gate": None, "head_lr": "0.1", "head_wd": "1.0", "sasrec_init": "frozen",
+                     "sasrec_lr": "0.1,sasrec_init=tuned"},  # sasrec_lr= needs a tuned SASRec part
     "mvhan_synthetic": {**{k: v for k, v in _MVHAN.items() if k != "steps"}, "softmax": "sampled"},
     "sasrec_ml100k": {"blocks": "2", "heads": "2", "dim": "32", "dropout": "0.5", "maxlen": "200", "norm": "post",
                       "positions": "recency", "loss": "last", "examples": "prefixes", "temperature": "0.05",

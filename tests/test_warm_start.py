@@ -1,11 +1,12 @@
 """config.warm_start (mvhan_jax/warm_start.py): MV-HAN's gated model loaded from a trained SASRec.
 
-One short SASRec run on MovieLens-100k is the source. With its parameters loaded and the gates at 0,
+One short SASRec run on MovieLens-100k is the source (conftest.py's sasrec_workdir). With its parameters loaded and the gates at 0,
 MV-HAN ranks exactly as that SASRec (the same validation metrics); trained with freeze=True, the
 loaded parameters keep their values and the heads move; bad sources and renames are refused."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -20,17 +21,7 @@ from mvhan_jax.configs import apply_overrides, load_config
 from mvhan_jax.tasks import retrieval as rtask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SASREC = os.path.join(ROOT, "experiments", "configs", "sasrec_ml100k.py")
 MVHAN = os.path.join(ROOT, "experiments", "configs", "mvhan_ml100k.py")
-
-
-@pytest.fixture(scope="module")
-def sasrec_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("sasrec"))
-  cfg = apply_overrides(load_config(f"{SASREC}:smoke,softmax=full"),
-                        ["total_steps=40", "eval_every_steps=20", "index.build=False"])
-  tasks.train_and_evaluate(cfg, workdir)
-  return workdir
 
 
 def _mvhan_config(source, *overrides, freeze=True):
@@ -55,6 +46,13 @@ def test_loaded_sasrec_with_closed_gates_ranks_as_that_sasrec(sasrec_workdir):
                          "params/causal_norm/bias"}
   params = warm_start.merge(sharding.host_local(state.params), source)
   flat = _flat(params)
+  # sasrec_lr=: its learning-rate group is exactly the loaded SASRec part.
+  lr_cfg = load_config(f"{MVHAN}:sasrec_paths,sasrec_init=tuned,sasrec_lr=0.1,smoke")
+  assert lr_cfg.optimizer.group_lr_scale == 0.1
+  assert {k for k in flat if re.search(lr_cfg.optimizer.group_pattern, k)} == set(source)
+  for bad in ("sasrec_init=frozen,sasrec_lr=0.1", "sasrec_init=tuned,sasrec_lr=0.1,head_lr=2"):
+    with pytest.raises(configs.ConfigError, match="sasrec_lr= sets the learning rate of a tuned SASRec part"):
+      load_config(f"{MVHAN}:sasrec_paths,{bad},smoke")
   assert float(flat["params/user_gate"]) == 0.0 and float(flat["params/item_gate"]) == 0.0
   got = task.evaluate(params, "valid")
   with open(os.path.join(sasrec_workdir, "results.json")) as f:

@@ -57,6 +57,9 @@ Arguments after ':' (comma-separated key=value or flags):
                                  kept fixed ('frozen') or trained on ('tuned'); train that run first:
                                  python experiments/ml100k_table.py --models=sasrec_full (ml1m_table.py
                                  on ML-1M, its 12,000-step row), or set --config.warm_start.workdir
+  sasrec_lr=<x>                  sasrec_init=tuned with the loaded SASRec part (SASREC_PART) trained at
+                                 the learning rate x the heads' (config.optimizer.group_*); excludes
+                                 head_lr= / head_wd=
   steps=<int>                    a fixed number of training steps instead of epochs, evaluated every
                                  steps/10 (behaviour=causal: default 4,000, SASRec's ML-100k budget;
                                  SASRec's ML-1M one is 12,000)
@@ -76,7 +79,7 @@ from mvhan_jax import configs
 
 ARGS = ("model=", "typed", "pooled", "single=", "light", "exclusive_embeddings", "fel_per_type", "mlp",
         "learn_temperature", "softmax=", "smoke", "dataset=", "behaviour=", "tokens=", "sasrec_paths",
-        "gate", "steps=", "head_lr=", "head_wd=", "sasrec_init=")
+        "gate", "steps=", "head_lr=", "head_wd=", "sasrec_init=", "sasrec_lr=")
 # The parameters `gate` adds to SASRec's (the causal encoder, positions and the shared item-id table):
 # the FELs, MLP heads, read-out, content and profile field embeddings, the user-id table and the gates.
 # sasrec_init=: SASRec's parameter names (models/sasrec.py) -> the SASRec part of MV-HAN (models/mvhan.py).
@@ -88,6 +91,8 @@ SASREC_WORKDIRS = {
     "ml100k": "runs/ml100k_table/experiments_configs_sasrec_ml100k.py_softmax=full/seed{seed}",
     "ml1m": "runs/ml1m_table/experiments_configs_sasrec_ml100k.py_softmax=full,steps=12000,dataset=ml1m/seed{seed}",
 }
+# The parameters sasrec_init= loads (SASREC_TO_MVHAN's targets and the shared position table).
+SASREC_PART = r"^params/(content_embed/id_embed|position_embed|causal_\d+|causal_norm)/"
 GATED_HEADS = (r"(content_fel|content_heads|content_embed/fields|user_id_embed|user_fel|user_mlp|user_fields|"
                r"last_readout|user_gate|item_gate)")
 
@@ -167,6 +172,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warm_start.workdir = SASREC_WORKDIRS.get(args.get("dataset", "ml100k"), "") if not smoke else ""
     c.warm_start.rename = SASREC_TO_MVHAN
     c.warm_start.freeze = init == "frozen"
+  if "sasrec_lr" in args:
+    if args.get("sasrec_init") != "tuned" or head_args:
+      raise configs.ConfigError("mvhan_ml100k.py: sasrec_lr= sets the learning rate of a tuned SASRec part: give "
+                                "it with sasrec_init=tuned and without head_lr= / head_wd=")
+    c.optimizer.group_pattern = SASREC_PART
+    c.optimizer.group_lr_scale = configs.number_arg(args, "sasrec_lr", 1.0, __file__, float)
   if head_args:
     c.optimizer.group_pattern = GATED_HEADS
     c.optimizer.group_lr_scale = configs.number_arg(args, "head_lr", 1.0, __file__, float)

@@ -22,7 +22,8 @@ from mvhan_jax import configs
 
 _ml = configs.sibling(__file__, "mvhan_ml100k")
 ARGS = tuple(a for a in _ml.ARGS if a not in (
-    "dataset=", "behaviour=", "sasrec_paths", "gate", "steps=", "head_lr=", "head_wd=", "sasrec_init="))  # MovieLens only
+    "dataset=", "behaviour=", "sasrec_paths", "gate", "steps=", "head_lr=", "head_wd=", "sasrec_init=",
+    "sasrec_lr="))  # MovieLens only
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
