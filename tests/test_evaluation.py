@@ -380,3 +380,36 @@ def test_overflowing_scores_of_finite_vectors_are_refused():
     ev.target_ranks(users, items, [1])
   with pytest.raises(ValueError, match="top-k scores hold"):
     ev.exact_topk(users, items, 2)
+
+
+def test_paired_bootstrap_hand_computed():
+  # One pair, four users: A hits users 0, 2, 3, B hits user 2 only -> A - B = 0.5, 2 / 0 discordant.
+  r = ev.paired_bootstrap([[1, 0, 1, 1]], [[0, 0, 1, 0]], resamples=20_000, seed=1)
+  assert r["a"] == 0.75 and r["b"] == 0.25 and r["diff"] == 0.5
+  np.testing.assert_array_equal(r["per_pair"], [0.5])
+  np.testing.assert_array_equal(r["a_only"], [2])
+  np.testing.assert_array_equal(r["b_only"], [0])
+  # A resample is <= 0 only when it draws neither user 0 nor 3 (d = 1 there, 0 elsewhere): (1/2)^4.
+  assert r["p_two_sided"] == pytest.approx(2 / 16, abs=0.01)
+  assert r["ci95"][0] >= 0.0 and r["ci95"][1] == 1.0
+  # Two pairs: the statistic is the mean of the pairs' differences.
+  r2 = ev.paired_bootstrap([[1, 1, 0], [0, 0, 0]], [[0, 1, 0], [0, 1, 1]], resamples=10)
+  np.testing.assert_allclose(r2["per_pair"], [1 / 3, -2 / 3])
+  assert r2["diff"] == pytest.approx(-1 / 6)
+
+
+def test_paired_bootstrap_identical_runs_and_standard_error():
+  rng = np.random.default_rng(0)
+  a = (rng.random((2, 3000)) < 0.2).astype(float)
+  same = ev.paired_bootstrap(a, a, resamples=500)
+  assert same["diff"] == 0.0 and same["ci95"] == (0.0, 0.0) and same["p_two_sided"] == 1.0
+  assert same["a_only"].sum() == 0 and same["b_only"].sum() == 0
+  b = (rng.random((2, 3000)) < 0.2).astype(float)
+  r = ev.paired_bootstrap(a, b, resamples=4000)
+  d = (a - b).mean(axis=0)
+  assert r["std_err"] == pytest.approx(d.std() / np.sqrt(d.size), rel=0.08)  # the analytic standard error
+  assert r["ci95"][0] < r["diff"] < r["ci95"][1]
+  with pytest.raises(ValueError, match="same shape"):
+    ev.paired_bootstrap(a, b[:, :10])
+  with pytest.raises(ValueError, match="resamples"):
+    ev.paired_bootstrap(a, b, resamples=0)
