@@ -20,7 +20,6 @@ sampling noise of these runs' difference, not the spread of retraining (the seed
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app
@@ -50,8 +49,6 @@ def per_user(workdir: str, split: str) -> tuple[dict[str, np.ndarray], np.ndarra
   _, exp, params, _ = report.load_workdir(workdir)
   users, mask = rtask.encode_users(exp, params, exp.eval_sets[split])
   per = rtask._evaluator(exp, split).per_user(users, rtask.encode_items(exp, params), user_mask=mask)  # pylint: disable=protected-access
-  if "HR@10" not in per and "rank" in per:  # the per-type evaluator: its pooled ranks give the summary metrics
-    per = {**per, **evaluation.leave_one_out_per_user(per["rank"], evaluation.LeaveOneOutEvaluator.default_ks)}
   return per, np.asarray(exp.eval_sets[split].targets)
 
 
@@ -86,12 +83,9 @@ def main(argv):
   del argv
   host_memory.configure()  # before JAX's first array
   logging.set_verbosity(logging.WARNING)
-  for w in FLAGS.a + FLAGS.b:
-    if not os.path.isfile(os.path.join(w, "config.json")):
-      sys.exit(f"paired_compare.py: {w} has no config.json: give workdirs written by mvhan-train --mode=train")
   try:
     print(compare(FLAGS.a, FLAGS.b, FLAGS.split, FLAGS.metrics, FLAGS.resamples))
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # a workdir without config.json: load_workdir names it
     sys.exit(f"paired_compare.py: {e}")
 
 

@@ -36,7 +36,7 @@ def test_per_user_means_are_the_runs_test_metrics(sasrec_workdir, tmp_path):
   assert (_check_means(str(tmp_path)) == targets).all()
 
 
-def test_a_run_against_itself_differs_by_nothing(sasrec_workdir):
+def test_a_run_against_itself_differs_by_nothing(sasrec_workdir, tmp_path):
   table = paired_compare.compare([sasrec_workdir], [sasrec_workdir], "test", ["HR@10", "NDCG@10"], resamples=100)
   rows = [r for r in table.splitlines() if r.startswith("| HR@10") or r.startswith("| NDCG@10")]
   assert len(rows) == 2
@@ -45,5 +45,7 @@ def test_a_run_against_itself_differs_by_nothing(sasrec_workdir):
     assert cells[3] == "+0.0000" and cells[5] == "[+0.0000, +0.0000]" and cells[6] == "1.000" and cells[8] == "0 / 0"
   with pytest.raises(ValueError, match="one B per A"):
     paired_compare.compare([sasrec_workdir, sasrec_workdir], [sasrec_workdir], "test", ["HR@10"], resamples=10)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    paired_compare.compare([sasrec_workdir], [str(tmp_path)], "test", ["HR@10"], resamples=10)
   with pytest.raises(ValueError, match="not per-user metrics"):
     paired_compare.compare([sasrec_workdir], [sasrec_workdir], "test", ["AUC@3"], resamples=10)

@@ -476,7 +476,8 @@ class TypedEvaluator:
     return ge, n - le, n
 
   def per_user(self, user_vectors, item_vectors, user_mask=None) -> dict[str, np.ndarray]:
-    """Per-row arrays [Q]: 'type', 'rank' / 'auc' (pooled), 'typed_rank' / 'typed_auc'."""
+    """Per-row arrays [Q]: 'type', 'rank' / 'auc' (pooled), 'typed_rank' / 'typed_auc', and the pooled
+    'HR@k' / 'NDCG@k' / 'RR' of `evaluation.leave_one_out_per_user` (as the leave-one-out evaluator's)."""
     users = np.asarray(user_vectors, np.float32)
     items = np.asarray(item_vectors, np.float32)
     if users.shape[0] != len(self.row_type):
@@ -499,6 +500,7 @@ class TypedEvaluator:
       tge, tgt, tn = self._ranks(users[rows], items[members], sub, mask)
       out["typed_rank"][rows] = tge
       out["typed_auc"][rows] = evaluation.target_auc(tge, tn, tgt)
+    out.update({k: v for k, v in evaluation.leave_one_out_per_user(ge, self.ks).items() if k != "rank"})
     return out
 
   def evaluate(self, user_vectors, item_vectors, user_mask=None) -> dict[str, float]:
