@@ -56,6 +56,8 @@ MODELS = {
                    "experiments/configs/mvhan_ml100k.py:dataset=ml1m"),
     "mvhan_causal_long": ("MV-HAN (causal behaviour encoder, SASRec's paths, full softmax, 12,000 steps)",
                           "experiments/configs/mvhan_ml100k.py:behaviour=causal,sasrec_paths,steps=12000,dataset=ml1m"),
+    "mvhan_gate_long": ("MV-HAN (starts as SASRec, gated content and profile heads, full softmax, 12,000 steps)",
+                        "experiments/configs/mvhan_ml100k.py:sasrec_paths,gate,steps=12000,dataset=ml1m"),
     "sasrec": ("SASRec", "experiments/configs/sasrec_ml100k.py:dataset=ml1m"),
     "sasrec_full": ("SASRec (full softmax)", "experiments/configs/sasrec_ml100k.py:softmax=full,dataset=ml1m"),
     "sasrec_full_long": ("SASRec (full softmax, 12,000 steps)",
