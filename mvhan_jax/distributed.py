@@ -21,7 +21,7 @@ resume from nor, plainly, the cause. So in a multi-process run `PeerWatch` beats
 coordination service's key-value store and watches the other processes' beats: a process silent for
 ``MVHAN_PEER_TIMEOUT_S`` seconds (default 30; 0: off), or gone with an error, ends the others
 within about that time with one line naming it and the step a rerun resumes from (exit status 75).
-JAX's own heartbeat timeout becomes twice that: the backstop that needs no Python (a process that
+JAX's own heartbeat timeout becomes four times that: the backstop that needs no Python (a process that
 holds the GIL longer than the timeout looks dead to the others: raise it then). The death of
 process 0 (the coordination service) JAX itself reports at once, with its abort.
 """
@@ -109,6 +109,12 @@ def peer_timeout_s(env: Mapping[str, str] | None = None) -> float:
   return float(env.get(ENV_PEER_TIMEOUT) or DEFAULT_PEER_TIMEOUT_S)
 
 
+def jax_heartbeat_timeout_s(peer_timeout: float) -> int:
+  """JAX's own heartbeat timeout for a run whose `PeerWatch` uses ``peer_timeout``: four times ours
+  (120 s at the default 30 s; JAX's default is 100 s), at least 10 s."""
+  return max(10, int(4 * peer_timeout))
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, platform: str | None = None, workdir=None) -> Plan:
   """Joins the multi-controller job described by the arguments/environment (see `plan`) and watches
@@ -116,8 +122,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   p = plan(coordinator_address, num_processes, process_id, platform)
   if p.mode != "single":
     timeout = peer_timeout_s()
-    # JAX's heartbeat stays the backstop (it needs no GIL): twice ours, so ours speaks first.
-    kwargs = dict(p.kwargs, heartbeat_timeout_seconds=max(10, int(2 * timeout))) if timeout > 0 else p.kwargs
+    # JAX's heartbeat stays the backstop (it needs no GIL), far enough behind ours that ours speaks
+    # first on a loaded machine too (at twice ours, CI once saw JAX's abort win).
+    kwargs = dict(p.kwargs, heartbeat_timeout_seconds=jax_heartbeat_timeout_s(timeout)) if timeout > 0 else p.kwargs
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", p.mode,
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -173,6 +180,7 @@ class PeerWatch(threading.Thread):
   """
 
   PREFIX = "mvhan/peer/"
+  LEAVE_PUBLISH_S = 5.0  # the longest `leave` waits to publish why it leaves
 
   def __init__(self, client, process_id: int, num_processes: int, timeout_s: float, workdir=None,
                exit_fn: Callable[[int], None] = os._exit):  # pylint: disable=protected-access
@@ -225,10 +233,16 @@ class PeerWatch(threading.Thread):
       return {int(k.rsplit("/", 1)[1]): v for k, v in self.client.key_value_dir_get(self.PREFIX)}
 
   def leave(self, reason: str, code: int = EXIT_PEER_FAILED) -> None:
-    try:
-      self.publish(f"gone after {reason}")
-    except Exception:  # pylint: disable=broad-except
-      pass
+    # Tell the others why (so a third process names the root cause), but never wait long on the
+    # coordination service to do so: JAX's backstop abort must not overtake this exit.
+    def tell():
+      try:
+        self.publish(f"gone after {reason}")
+      except Exception:  # pylint: disable=broad-except
+        pass
+    teller = threading.Thread(target=tell, name="mvhan-peer-leave", daemon=True)
+    teller.start()
+    teller.join(self.LEAVE_PUBLISH_S)
     print(f"mvhan_jax.distributed: {reason}; process {self.me} of {self.n} stops too instead of waiting in a "
           f"collective (exit status {code}): {resume_hint(self.workdir)}.", file=sys.stderr, flush=True)
     sys.stdout.flush()

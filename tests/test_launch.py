@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -171,6 +172,40 @@ def test_peer_watch_states():
   assert watch.check({0: "gone after process 1 of 3 stopped responding", 1: "beat 1"}, t0 + 1) == (
       "process 0 of 3 left the job (after process 1 of 3 stopped responding)")
   assert watch.check({0: "gone after ...", 1: "beat 1"}, t0 + 40).startswith("process 1 of 3 stopped responding")
+
+
+class _KeyValueStore:
+  """The two calls PeerWatch makes on JAX's coordination-service client; ``hang`` blocks every set."""
+
+  def __init__(self, hang: bool = False):
+    self.values, self.hang = {}, hang
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.hang:
+      threading.Event().wait()
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def test_peer_watch_leave_publishes_why_and_never_waits_long_for_the_service(capsys):
+  """A process leaving because of another says so in the store (a third process names the root
+  cause from it) and exits 75; a coordination service that does not answer delays that exit by at
+  most LEAVE_PUBLISH_S, so JAX's backstop abort (4x the peer timeout: 120 s) cannot overtake it."""
+  assert distributed.jax_heartbeat_timeout_s(30) == 120 and distributed.jax_heartbeat_timeout_s(1) == 10
+  codes = []
+  store = _KeyValueStore()
+  watch = distributed.PeerWatch(store, process_id=0, num_processes=2, timeout_s=30, exit_fn=codes.append)
+  watch.leave("process 1 of 2 stopped responding")
+  assert codes == [75] and store.values == {"mvhan/peer/0": "gone after process 1 of 2 stopped responding"}
+  assert "process 0 of 2 stops too instead of waiting in a collective (exit status 75)" in capsys.readouterr().err
+  watch = distributed.PeerWatch(_KeyValueStore(hang=True), process_id=0, num_processes=2, timeout_s=30,
+                                exit_fn=codes.append)
+  watch.LEAVE_PUBLISH_S = 0.5
+  t0 = time.monotonic()
+  watch.leave("process 1 of 2 stopped responding")
+  assert codes == [75, 75] and time.monotonic() - t0 < 5
 
 
 def test_resume_hint_names_the_newest_finalized_checkpoint(tmp_path):

@@ -608,7 +608,7 @@ def test_two_process_run_survives_the_death_of_one_process(two_process, tmp_path
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   assert f"process 1 (pid {victim}) was killed by SIGKILL, the first to fail" in launcher, launcher
   assert ("process 1 was killed by SIGKILL first; process 0 exited with status 75. Rerun the same command to "
-          "resume from the latest checkpoint") in launcher, launcher
+          "resume from the latest checkpoint") in launcher, (launcher, ended, logs[0][-3000:])
   # Process 0 stopped on its own (status 75, above), saying why and how to go on.
   assert "process 1 of 2 stopped responding" in logs[0], logs[0][-3000:]
   assert f"rerun the same command to resume from step {max(landed)} " in logs[0], (landed, logs[0][-3000:])
