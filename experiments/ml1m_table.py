@@ -48,7 +48,7 @@ flags.DEFINE_string("workdir_root", "runs/ml1m_table", "Where each run's workdir
 flags.DEFINE_list("override", [], "Config field overrides of every run, e.g. num_epochs=2,batch_size=512.")
 flags.DEFINE_string("records", "experiments/results/records/ml1m",
                     "Folder of the seed records (<row key>/seed<N>.json, committed): a seed with a record of "
-                    "the same config is read from it, not trained; every trained seed writes one. '' = none.")
+                    "the same config is read from it, not trained; every trained seed writes one.")
 flags.DEFINE_bool("write_table", True, "Write --out. --nowrite_table only trains and records the seeds (a "
                   "session that can afford one seed of a long row).")
 FLAGS = flags.FLAGS
@@ -105,22 +105,21 @@ def seed_results(key: str, tag: str, seed: int, cfg, workdir: str) -> dict:
   """The results of one seed: from its record when one of this config exists, else trained (resumed
   from ``workdir`` if present) and recorded."""
   config_json = cfg.to_json_best_effort()
-  path = os.path.join(FLAGS.records, key + tag, f"seed{seed}.json") if FLAGS.records else None
+  path = os.path.join(FLAGS.records, key + tag, f"seed{seed}.json")
   try:
-    record = tables.read_seed_record(path, config_json) if path else None
+    record = tables.read_seed_record(path, config_json)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if record is not None:
     print(f"{MODELS[key][0]} seed {seed}: read from {path} (written {record['written']} on {record['machine']})",
           flush=True)
     return record["results"]
-  if path and os.path.exists(path):
+  if os.path.exists(path):
     print(f"{path}: recorded with another config; training seed {seed} again", flush=True)
   results = tasks.train_and_evaluate(cfg, workdir)
-  if path:
-    override = f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
-    tables.write_seed_record(path, config_json, results, report.machine_description(),
-                             f"python experiments/ml1m_table.py --seeds={seed} --models={key}{override}")
+  override = f" --override={','.join(FLAGS.override)}" if FLAGS.override else ""
+  tables.write_seed_record(path, config_json, results, report.machine_description(),
+                           f"python experiments/ml1m_table.py --seeds={seed} --models={key}{override} --nowrite_table")
   return results
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from mvhan_jax import workdir
 
 
 def mean_std_table(rows: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]) -> str:
@@ -32,23 +33,15 @@ def mean_std_table(rows: Mapping[str, Sequence[Mapping[str, float]]], metrics: S
 # seeds take hours each can be assembled from runs made on different machines, after the workdirs are
 # gone. A record holds the run's full config, its results.json and where it ran.
 # --------------------------------------------------------------------------------------------------
-def _canonical(config_json: str) -> Any:
-  return json.loads(config_json)
-
-
 def write_seed_record(path: str, config_json: str, results: Mapping[str, Any], machine: str,
                       command: str) -> None:
-  """Writes ``path`` (creating its folder): the run's config (``config.to_json_best_effort()``),
-  its results (what ``train_and_evaluate`` returned), the machine and the command that produced it."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  """Writes ``path`` whole (`workdir.write_json`: creating its folder, never half a file): the run's
+  config (``config.to_json_best_effort()``), its results (what ``train_and_evaluate`` returned), the
+  machine and the command that produced it."""
   record = {"command": command, "machine": machine,
             "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "config": _canonical(config_json), "results": results}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)  # a run killed while writing leaves the old record or none, never half of one
+            "config": json.loads(config_json), "results": results}
+  workdir.write_json(path, record, indent=1, sort_keys=True)
 
 
 def read_seed_record(path: str, config_json: str) -> dict[str, Any] | None:
@@ -57,16 +50,15 @@ def read_seed_record(path: str, config_json: str) -> dict[str, Any] | None:
   A record of another config (the row's config file changed since) is not used: the caller trains
   the seed again and overwrites it. Raises ValueError, naming the file, on a record that is not JSON
   or lacks its fields."""
-  if not os.path.exists(path):
+  if not workdir.exists(path):
     return None
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = workdir.read_json(path)
     config = record["config"]
     if not isinstance(record["results"], dict):
       raise TypeError("results is not an object")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path}: not a seed record ({e!r}); delete it to train that seed again") from None
-  if config != _canonical(config_json):
+  if config != json.loads(config_json):
     return None
   return record
